@@ -1,0 +1,12 @@
+"""lightning_lowmem: low-memory optimizers for PyTorch Lightning.
+
+Adam-mini, Eve and MicroAdam as ``torch.optim.Optimizer`` subclasses, a block partitioner that reads
+a model's structure, and a mixin that builds them from a config.
+"""
+
+from lightning_lowmem.optim import AdamMini, BlockAdam, Eve
+from lightning_lowmem.partition import BlockPlan, BlockSpec, build_plan
+
+__version__ = "0.1.0"
+
+__all__ = ["AdamMini", "BlockAdam", "BlockPlan", "BlockSpec", "Eve", "build_plan"]

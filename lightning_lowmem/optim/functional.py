@@ -1,0 +1,185 @@
+r"""The functional core of AdamMini and Eve: Adam with a second moment shared within blocks.
+
+For a parameter viewed as rows (see :mod:`lightning_lowmem.partition.spec`) whose rows are grouped
+into blocks :math:`b`, one step :math:`t` with gradient :math:`g` is
+
+.. math::
+
+    \theta &\leftarrow \theta\,(1 - \eta\lambda)                                   \\
+    m &\leftarrow \beta_1 m + (1-\beta_1)\, g                                     \\
+    v_b &\leftarrow \beta_2 v_b + (1-\beta_2)\, \tfrac{1}{|b|}\textstyle\sum_{i\in b} g_i^2 \\
+    \theta_i &\leftarrow \theta_i - \frac{\eta}{1-\beta_1^t}\,
+        \frac{m_i}{\sqrt{v_{b(i)} / (1-\beta_2^t)} + \epsilon}
+
+With every block a single entry (``full``) this is exactly ``torch.optim.AdamW``.
+
+:func:`block_adam_update_` is the one pure update of one tensor; every backend runs it (eagerly,
+or under ``torch.compile``), and a Triton kernel must have the same signature and result.
+:func:`block_adam` is the functional API over lists of tensors.
+
+Example::
+
+    >>> p, g = torch.randn(4, 3), torch.randn(4, 3)
+    >>> m, v, step = torch.zeros(4, 3), torch.zeros(4), torch.tensor(1.0)
+    >>> block_adam_update_(p, g, m, v, step, layout=RowLayout(elementwise=False, group_numel=3.0),
+    ...                    lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from lightning_lowmem.kernels.dispatch import resolve_update
+
+
+class RowLayout(NamedTuple):
+    """How a tensor is viewed as rows and how its rows share second moments.
+
+    Args:
+        transposed: the rows are dim 1 of a 2-D tensor (GPT-2 ``Conv1D``).
+        elementwise: ``v`` has the tensor's shape (AdamW); the other fields are unused.
+        group_index: for each row, the index of its block in ``v``; ``None`` when row ``r`` is
+            block ``r``.
+        group_numel: entries per block (a tensor of one value per block), or the column count
+            when every row is its own block. Under sharding these are *global* counts, so a
+            block's local sum divided by them is the local share of the global mean.
+    """
+
+    transposed: bool = False
+    elementwise: bool = True
+    group_index: Tensor | None = None
+    group_numel: Tensor | float = 1.0
+
+
+def as_rows(tensor: Tensor, transposed: bool = False) -> Tensor:
+    """A ``rows x cols`` view of ``tensor`` (no copy): dim 0 against the rest, or ``.t()``."""
+    if transposed:
+        return tensor.t()
+    if tensor.dim() == 0:
+        return tensor.view(1, 1)
+    return tensor.view(tensor.shape[0], -1)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of second-moment state: float64 for float64 parameters, float32 otherwise."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def block_mean_sq(grad: Tensor, layout: RowLayout) -> Tensor:
+    r"""Per-block mean of the squared gradient, :math:`\frac{1}{|b|}\sum_{i\in b} g_i^2`, as a 1-D tensor.
+
+    Under sharding ``grad`` is the local shard, ``layout.group_index`` indexes its local rows and
+    ``layout.group_numel`` holds global counts: the result is then a partial mean that sums to the
+    global one across ranks.
+    """
+    rows = as_rows(grad, layout.transposed).to(state_dtype(grad))
+    row_sq = rows.square().sum(dim=1)
+    if layout.group_index is None:
+        return row_sq / layout.group_numel
+    sums = row_sq.new_zeros(layout.group_numel.numel()).index_add_(0, layout.group_index, row_sq)
+    return sums / layout.group_numel
+
+
+def block_adam_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor | float,
+    *,
+    layout: RowLayout,
+    lr: Tensor | float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    mean_sq: Tensor | None = None,
+) -> None:
+    """One in-place step of one tensor (``step`` already counts this step).
+
+    Low-precision parameters and momenta are updated in the dtype of ``exp_avg_sq`` and written
+    back. ``mean_sq`` overrides :func:`block_mean_sq` (for block means reduced across ranks).
+    ``lr`` and ``step`` may be Python numbers or 0-dim tensors (the compiled path passes tensors so
+    that a new learning rate or step does not recompile).
+    """
+    compute = exp_avg_sq.dtype
+    p = param if param.dtype == compute else param.to(compute)
+    m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)
+    g = grad.to(compute)
+    if maximize:
+        g = -g
+
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    step_size = lr / bias_correction1
+
+    if layout.elementwise:
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        p.add_(m / denom * -step_size)
+    else:
+        if mean_sq is None:
+            mean_sq = block_mean_sq(g, layout)
+        exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        if layout.group_index is not None:
+            denom = denom[layout.group_index]
+        p_rows = as_rows(p, layout.transposed)
+        p_rows.add_(as_rows(m, layout.transposed) / denom.unsqueeze(1) * -step_size)
+
+    if p is not param:
+        param.copy_(p)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+
+
+def block_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    layouts: list[RowLayout],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    mean_sqs: list[Tensor | None] | None = None,
+    backend: str = "torch",
+) -> None:
+    """Functional API: one step over lists of tensors (increments ``state_steps``).
+
+    Args:
+        backend: ``"torch"`` (eager reference) or ``"compile"`` (``torch.compile`` of the same
+            update; falls back to eager with one warning where compilation fails).
+        mean_sqs: per tensor, an already reduced block mean of ``g**2`` or ``None``.
+    """
+    update, wants_tensors = resolve_update(block_adam_update_, backend)
+    lr_arg = torch.tensor(lr, dtype=torch.float64) if wants_tensors else lr
+    for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
+        step += 1
+        update(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            step if wants_tensors else step.item(),
+            layout=layouts[i],
+            lr=lr_arg,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            mean_sq=None if mean_sqs is None else mean_sqs[i],
+        )
