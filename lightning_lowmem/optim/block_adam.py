@@ -6,16 +6,18 @@ r"""``BlockAdam``: AdamW whose second moment is shared within the blocks of a :c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from lightning_lowmem.kernels.dispatch import check_backend
 from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, param_groups_from
-from lightning_lowmem.optim.functional import RowLayout, block_adam, state_dtype
+from lightning_lowmem.optim.functional import RowLayout, block_adam, block_mean_sq, state_dtype
+from lightning_lowmem.optim.sharding import ParamSharding, all_reduce_block_means, to_local
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.partition import BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
 
@@ -91,39 +93,49 @@ class BlockAdam(LowMemOptimizer):
         super().__init__(groups, defaults)
         self.plan = plan
         self.backend = backend
-        self._layouts: dict[torch.Tensor, RowLayout] = {}
+        self._placements: dict[torch.Tensor, _Placement] = {}
 
     # ---- state ---------------------------------------------------------------------------------
 
     def _entry(self, name: str) -> ParamBlocks:
         return self.plan[name]
 
-    def _layout(self, name: str, param: torch.Tensor) -> RowLayout:
-        layout = self._layouts.get(param)
-        if layout is None:
-            layout = layout_for(self._entry(name), param.device)
-            self._layouts[param] = layout
-        return layout
+    def _placement(self, name: str, param: torch.Tensor) -> _Placement:
+        placement = self._placements.get(param)
+        if placement is None:
+            entry = self._entry(name)
+            sharding = ParamSharding.of(param, entry.transposed)
+            start, stop = sharding.local_rows(entry.rows)
+            layout = layout_for(entry, to_local(param).device, rows=slice(start, stop))
+            reduce = sharding.needs_reduction(layout.elementwise, one_block_per_row=layout.group_index is None)
+            placement = _Placement(layout, sharding, reduce, (start, stop))
+            self._placements[param] = placement
+        return placement
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], ...]:
-        params, grads, exp_avgs, exp_avg_sqs, steps, layouts = [], [], [], [], [], []
+    def _init_state(self, name: str, param: torch.Tensor, placement: _Placement) -> dict[str, Any]:
+        entry, state = self._entry(name), self.state[param]
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if placement.layout.elementwise:
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+        else:
+            row_local = placement.sharding.row_sharded and not placement.reduce
+            start, stop = placement.rows
+            numel = stop - start if row_local else entry.state_numel
+            local = torch.zeros(numel, dtype=state_dtype(param), device=to_local(param).device)
+            state["exp_avg_sq"] = placement.sharding.new_block_state(local, entry.state_shape(), sharded=row_local)
+        return state
+
+    def _init_group(self, group: dict[str, Any]) -> _GroupBatch:
+        batch = _GroupBatch()
         for name, p in zip(group["param_names"], group["params"]):
             grad = self._grad_of(p)
             if grad is None:
                 continue
-            state = self.state[p]
-            if not state:
-                entry = self._entry(name)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros(entry.state_shape(), dtype=state_dtype(p), device=p.device)
-            params.append(p)
-            grads.append(grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-            layouts.append(self._layout(name, p))
-        return params, grads, exp_avgs, exp_avg_sqs, steps, layouts
+            placement = self._placement(name, p)
+            state = self.state[p] or self._init_state(name, p, placement)
+            batch.add(p, grad, state, placement)
+        return batch
 
     def _check_param_state(self, name: str, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         owner = type(self).__name__
@@ -152,34 +164,85 @@ class BlockAdam(LowMemOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, layouts = self._init_group(group)
-            if not params:
+        batches = [(group, self._init_group(group)) for group in self.param_groups]
+        _reduce_block_means([batch for _, batch in batches])
+        for group, batch in batches:
+            if not batch.params:
                 continue
             beta1, beta2 = group["betas"]
             block_adam(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                layouts,
+                batch.params,
+                batch.grads,
+                batch.exp_avgs,
+                batch.exp_avg_sqs,
+                batch.steps,
+                batch.layouts,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 maximize=group["maximize"],
+                mean_sqs=batch.mean_sqs,
                 backend=self.backend,
             )
         return loss
 
 
-def layout_for(entry: ParamBlocks, device: torch.device) -> RowLayout:
-    """The :class:`RowLayout` of a parameter of the plan, with index tensors on ``device``."""
+class _Placement(NamedTuple):
+    """A parameter's local layout and where its rows live (cached per parameter)."""
+
+    layout: RowLayout
+    sharding: ParamSharding
+    reduce: bool  # its block means are partial sums that must be all-reduced
+    rows: tuple[int, int]  # this rank's rows of the row view
+
+
+@dataclasses.dataclass
+class _GroupBatch:
+    """The local tensors of one param group that have a gradient this step."""
+
+    params: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grads: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    layouts: list[RowLayout] = dataclasses.field(default_factory=list)
+    placements: list[_Placement] = dataclasses.field(default_factory=list)
+    mean_sqs: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement) -> None:
+        self.params.append(to_local(param))
+        self.grads.append(to_local(grad))
+        self.exp_avgs.append(to_local(state["exp_avg"]))
+        self.exp_avg_sqs.append(to_local(state["exp_avg_sq"]))
+        self.steps.append(state["step"])
+        self.layouts.append(placement.layout)
+        self.placements.append(placement)
+        self.mean_sqs.append(None)
+
+
+def _reduce_block_means(batches: list[_GroupBatch]) -> None:
+    """Compute the partial block means that span ranks and sum them all in one collective."""
+    pending = [(b, i) for b in batches for i, placement in enumerate(b.placements) if placement.reduce]
+    if not pending:
+        return
+    meshes = {id(b.placements[i].sharding.mesh): b.placements[i].sharding.mesh for b, i in pending}
+    if len(meshes) > 1:
+        raise ValueError("All sharded parameters of one optimizer must live on the same device mesh.")
+    partial = [block_mean_sq(b.grads[i], b.layouts[i]) for b, i in pending]
+    reduced = all_reduce_block_means(partial, next(iter(meshes.values())))
+    for (b, i), mean_sq in zip(pending, reduced):
+        b.mean_sqs[i] = mean_sq
+
+
+def layout_for(entry: ParamBlocks, device: torch.device, rows: slice = slice(None)) -> RowLayout:
+    """The :class:`RowLayout` of a parameter of the plan for its ``rows`` held here, on ``device``."""
     if entry.is_full:
         return RowLayout(transposed=entry.transposed, elementwise=True)
     index = entry.group_index(device)
+    if index is not None:
+        index = index[rows]
     if index is None:
         return RowLayout(transposed=entry.transposed, elementwise=False, group_numel=float(entry.cols))
     sizes = torch.tensor(entry.group_sizes(), dtype=torch.float64, device=device) * entry.cols
