@@ -77,36 +77,30 @@ class BlockPlan(Mapping[str, ParamBlocks]):
 
     def summary(self) -> str:
         """The plan as a table: per kind, blocks, parameters, ``v`` entries and fp32 state bytes."""
+        by_kind = self.rows_by_kind()
+        totals = tuple(sum(counts[i] for counts in by_kind.values()) for i in range(3))
         header = ("kind", "blocks", "params", "v entries", "state MB", "bytes/param")
-        rows = []
-        for kind, (blocks, params, v_entries) in self.rows_by_kind().items():
-            state = 4 * (params + v_entries)
-            rows.append((kind, f"{blocks:,}", f"{params:,}", f"{v_entries:,}", f"{state / 1e6:.2f}",
-                         f"{state / params:.3f}" if params else "-"))
-        total_params = self.num_params
-        state = self.state_bytes()
-        adamw = ADAMW_STATE_BYTES_PER_PARAM * total_params
-        total_blocks = sum(b for b, _, _ in self.rows_by_kind().values())
-        total_v = sum(v for _, _, v in self.rows_by_kind().values())
-        rows.append(("total", f"{total_blocks:,}", f"{total_params:,}", f"{total_v:,}", f"{state / 1e6:.2f}",
-                     f"{state / total_params:.3f}" if total_params else "-"))
-        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        rows = [_summary_row(kind, *counts) for kind, counts in by_kind.items()]
+        rows.append(_summary_row("total", *totals))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def line(cells: tuple[str, ...]) -> str:
-            return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
+        state, adamw = self.state_bytes(), ADAMW_STATE_BYTES_PER_PARAM * self.num_params
         saving = 1 - state / adamw if adamw else 0.0
-        out = [f"Block plan ({self.preset}): {len(self._entries)} tensors", line(header),
-               "  ".join("-" * w for w in widths)]
-        out += [line(r) for r in rows]
-        out.append(f"fp32 AdamW state {adamw / 1e6:.2f} MB -> {state / 1e6:.2f} MB ({saving:.1%} saved)")
-        return "\n".join(out)
+        return "\n".join(
+            [f"Block plan ({self.preset}): {len(self._entries)} tensors", line(header), "  ".join("-" * w for w in widths)]
+            + [line(r) for r in rows]
+            + [f"fp32 AdamW state {adamw / 1e6:.2f} MB -> {state / 1e6:.2f} MB ({saving:.1%} saved)"]
+        )
 
     def details(self) -> str:
         """One line per parameter: name, shape, role and spec of each segment."""
         lines = []
         for entry in self._entries.values():
-            segs = " | ".join(f"{spec}x{rows}" if len(entry.segments) > 1 else str(spec) for spec, rows in entry.segments)
+            fused = len(entry.segments) > 1
+            segs = " | ".join(f"{spec}x{rows}" if fused else str(spec) for spec, rows in entry.segments)
             tied = f" (tied: {', '.join(entry.aliases)})" if entry.aliases else ""
             t = " transposed" if entry.transposed else ""
             lines.append(f"{entry.name}  {list(entry.shape)}  {entry.role}  {segs}{t}{tied}")
@@ -117,3 +111,9 @@ class BlockPlan(Mapping[str, ParamBlocks]):
 
     def __repr__(self) -> str:
         return f"BlockPlan(preset={self.preset!r}, tensors={len(self._entries)}, params={self.num_params:,})"
+
+
+def _summary_row(kind: str, blocks: int, params: int, v_entries: int) -> tuple[str, ...]:
+    state = 4 * (params + v_entries)
+    per_param = f"{state / params:.3f}" if params else "-"
+    return (kind, f"{blocks:,}", f"{params:,}", f"{v_entries:,}", f"{state / 1e6:.2f}", per_param)
