@@ -8,11 +8,17 @@ Every update exists once as a pure PyTorch function (the reference). A backend d
   learning rate and step so that a scheduler or a growing step count does not recompile; if
   compilation fails (no C compiler, an unsupported platform) the reference runs instead, after ONE
   warning;
-* ``"auto"``: ``"compile"`` where it is supported, else ``"torch"``.
+* ``"triton"``: the update's Triton twin (same signature, same result), for updates that have
+  one (MicroAdam). It needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
+  the kernels are first imported (slow: for tests). Triton is imported only when this is chosen;
+* ``"auto"``: ``"triton"`` for CUDA tensors when the update has a Triton twin and ``triton``
+  imports; otherwise ``"compile"`` where it is supported, else ``"torch"``.
 
 Example::
 
     >>> update, wants_tensors = resolve_update(block_adam_update_, "auto")
+    >>> update, wants_tensors = resolve_update(micro_adam_update_, "auto", triton=micro_adam_update_triton_,
+    ...                                        device=param.device)
 """
 
 from __future__ import annotations
@@ -27,21 +33,61 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "compile")
+BACKENDS = ("auto", "torch", "compile", "triton")
 
 
-def check_backend(backend: str) -> None:
-    """Raise a ValueError naming the valid backends."""
-    if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}.")
+def check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
+    """Raise a ValueError naming the valid backends (``allowed``: those an optimizer supports)."""
+    if backend not in allowed:
+        raise ValueError(f"Invalid backend {backend!r}; choose one of {', '.join(map(repr, allowed))}.")
 
 
-def resolve_update(fn: Callable[..., None], backend: str) -> tuple[Callable[..., None], bool]:
-    """The callable that runs ``fn`` on ``backend`` and whether it takes tensor scalars."""
+def resolve_update(
+    fn: Callable[..., None],
+    backend: str,
+    *,
+    triton: Callable[..., None] | None = None,
+    device: torch.device | None = None,
+) -> tuple[Callable[..., None], bool]:
+    """The callable that runs ``fn`` on ``backend`` and whether it takes tensor scalars.
+
+    Args:
+        fn: the reference update.
+        backend: one of :data:`BACKENDS`.
+        triton: ``fn``'s Triton twin, if it has one.
+        device: the device of the tensors to update; ``"auto"`` picks Triton only for CUDA.
+
+    Raises:
+        ValueError: ``backend="triton"`` for an update without a Triton twin.
+        RuntimeError: ``backend="triton"`` when ``triton`` cannot be imported.
+    """
     check_backend(backend)
+    if backend == "triton":
+        if triton is None:
+            raise ValueError(
+                f"There is no Triton kernel for {fn.__name__}; choose backend 'auto', 'torch' or 'compile'."
+            )
+        if not triton_available():
+            raise RuntimeError(
+                "backend='triton' needs the `triton` package, which cannot be imported here; "
+                "install it (pip install triton) or choose backend 'auto', 'torch' or 'compile'."
+            )
+        return triton, False
+    if backend == "auto" and triton is not None and device is not None and device.type == "cuda" and triton_available():
+        return triton, False
     if backend == "torch" or (backend == "auto" and not _compile_supported()):
         return fn, False
     return _compiled(fn), True
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` works (imported here, lazily, on first call)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @functools.cache
@@ -54,13 +100,16 @@ class _CompiledWithFallback:
 
     def __init__(self, fn: Callable[..., None]) -> None:
         self.fn = fn
-        self.compiled = torch.compile(fn, dynamic=None)
+        self.compiled = torch.compile(fn, dynamic=False)
         self.failed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
         if not self.failed:
             try:
-                return self.compiled(*args, **kwargs)
+                # one static graph per parameter shape: dynamic shapes make Inductor's CPU code
+                # several times slower, and a model has more distinct shapes than the default limit
+                with torch._dynamo.config.patch(recompile_limit=_MAX_GRAPHS, accumulated_recompile_limit=4 * _MAX_GRAPHS):
+                    return self.compiled(*args, **kwargs)
             except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
                 self.failed = True
                 warnings.warn(

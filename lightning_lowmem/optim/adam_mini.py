@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from lightning_lowmem.optim.base import ParamsLike
-from lightning_lowmem.optim.block_adam import DEFAULT_NO_DECAY, BlockAdam
+from lightning_lowmem.optim.block_adam import BlockAdam
 from lightning_lowmem.optim.hparams import check_choice
-from lightning_lowmem.partition import BlockPlan
+from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan
 
 ADAM_MINI_PRESETS = ("adam_mini", "adam_mini_paper")
 
@@ -43,7 +43,7 @@ class AdamMini(BlockAdam):
         preset: str = "adam_mini",
         plan: BlockPlan | None = None,
         rules: Any = None,
-        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
+        no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
     ) -> None:

@@ -19,12 +19,9 @@ from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, param_group
 from lightning_lowmem.optim.functional import RowLayout, block_adam, block_mean_sq, state_dtype
 from lightning_lowmem.optim.sharding import ParamSharding, all_reduce_block_means, to_local
 from lightning_lowmem.optim.hparams import check_adam_hparams
-from lightning_lowmem.partition import BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
+from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
 
 log = logging.getLogger(__name__)
-
-#: Roles that get no weight decay by default (as in nanoGPT and most LLM recipes).
-DEFAULT_NO_DECAY = ("bias", "norm", "embedding", "tied_embedding")
 
 STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
@@ -75,7 +72,7 @@ class BlockAdam(LowMemOptimizer):
         plan: BlockPlan | None = None,
         preset: str = "adam_mini",
         rules: Any = None,
-        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
+        no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
     ) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from lightning_lowmem.optim.base import ParamsLike
-from lightning_lowmem.optim.block_adam import DEFAULT_NO_DECAY, BlockAdam
-from lightning_lowmem.partition import BlockPlan
+from lightning_lowmem.optim.block_adam import BlockAdam
+from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan
 
 
 class Eve(BlockAdam):
@@ -38,7 +38,7 @@ class Eve(BlockAdam):
         *,
         plan: BlockPlan | None = None,
         rules: Any = None,
-        no_decay: Sequence[str] = DEFAULT_NO_DECAY,
+        no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
     ) -> None:

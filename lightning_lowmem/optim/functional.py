@@ -168,13 +168,20 @@ def block_adam(
     lr_arg = torch.tensor(lr, dtype=torch.float64) if wants_tensors else lr
     for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         step += 1
+        layout = layouts[i]
+        if wants_tensors:
+            # one compiled graph per kind of update: 2-D row views, whatever the parameter's rank
+            param, grad, exp_avg = (as_rows(t, layout.transposed) for t in (param, grad, exp_avg))
+            if layout.elementwise:
+                exp_avg_sq = as_rows(exp_avg_sq, layout.transposed)
+            layout = layout._replace(transposed=False)
         update(
             param,
             grad,
             exp_avg,
             exp_avg_sq,
             step if wants_tensors else step.item(),
-            layout=layouts[i],
+            layout=layout,
             lr=lr_arg,
             beta1=beta1,
             beta2=beta2,

@@ -45,7 +45,7 @@ ROLES = (
 )
 
 #: Roles that get no weight decay in the default parameter groups.
-NO_DECAY_ROLES = frozenset({"bias", "norm", "embedding", "tied_embedding"})
+NO_DECAY_ROLES = ("bias", "norm", "embedding", "tied_embedding")
 
 # Attribute names that carry head counts, looked up on the attention module, then on a `config`.
 HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
