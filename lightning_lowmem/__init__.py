@@ -4,9 +4,21 @@ Adam-mini, Eve and MicroAdam as ``torch.optim.Optimizer`` subclasses, a block pa
 a model's structure, and a mixin that builds them from a config.
 """
 
+from lightning_lowmem.config import OptimConfig, SchedulerConfig
+from lightning_lowmem.module import LowMemOptimizerMixin
 from lightning_lowmem.optim import AdamMini, BlockAdam, Eve
 from lightning_lowmem.partition import BlockPlan, BlockSpec, build_plan
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamMini", "BlockAdam", "BlockPlan", "BlockSpec", "Eve", "build_plan"]
+__all__ = [
+    "AdamMini",
+    "BlockAdam",
+    "BlockPlan",
+    "BlockSpec",
+    "Eve",
+    "LowMemOptimizerMixin",
+    "OptimConfig",
+    "SchedulerConfig",
+    "build_plan",
+]

@@ -1,0 +1,170 @@
+"""The optimizers a config can name: ``name -> factory(model, cfg) -> torch.optim.Optimizer``.
+
+A new optimizer registers itself where it is defined, and once that module is imported (list it in
+``lightning_lowmem/optim/__init__.py``) :class:`~lightning_lowmem.config.OptimConfig` accepts its name::
+
+    @register_optimizer("my_adam")
+    def _my_adam(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+        return MyAdam(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+Every built-in factory splits the parameters into the same decayed / not-decayed groups (by the
+parameter roles of the model's block plan and ``cfg.no_decay``), so an ``adamw`` run is a fair
+baseline for an ``adam_mini`` or ``eve`` run of the same config.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_lowmem.optim.adam_mini import AdamMini
+from lightning_lowmem.optim.block_adam import _decay_groups
+from lightning_lowmem.optim.eve import Eve
+from lightning_lowmem.partition import BlockPlan, build_plan
+
+if TYPE_CHECKING:  # config.py validates names against this registry: import it lazily, no cycle
+    from lightning_lowmem.config import OptimConfig
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[nn.Module, "OptimConfig"], Optimizer]
+_Factory = TypeVar("_Factory", bound=OptimizerFactory)
+
+#: The registered optimizer factories by name, in registration order.
+OPTIMIZERS: dict[str, OptimizerFactory] = {}
+
+
+def register_optimizer(name: str) -> Callable[[_Factory], _Factory]:
+    """Decorator adding a factory ``(model, cfg: OptimConfig) -> Optimizer`` to :data:`OPTIMIZERS`.
+
+    Args:
+        name: the name configs use to pick the optimizer.
+
+    Returns:
+        The decorator; it returns the factory unchanged.
+
+    Raises:
+        ValueError: if ``name`` is empty or already registered.
+
+    Example::
+
+        >>> @register_optimizer("sgd")
+        ... def _sgd(model, cfg):
+        ...     return torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"An optimizer name must be a non-empty string, got {name!r}.")
+
+    def decorator(factory: _Factory) -> _Factory:
+        if name in OPTIMIZERS:
+            owner = OPTIMIZERS[name]
+            raise ValueError(
+                f"An optimizer named {name!r} is already registered ({owner.__module__}.{owner.__qualname__}); "
+                "register yours under another name."
+            )
+        OPTIMIZERS[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_optimizers() -> tuple[str, ...]:
+    """The registered optimizer names, in registration order."""
+    return tuple(OPTIMIZERS)
+
+
+def create_optimizer(model: nn.Module, cfg: Any) -> Optimizer:
+    """Build the optimizer ``cfg`` names over the trainable parameters of ``model``.
+
+    Args:
+        model: the model; its structure decides the blocks and the weight-decay groups. Its
+            parameters may be FSDP2 ``DTensor`` s: only global shapes are read.
+        cfg: an :class:`~lightning_lowmem.config.OptimConfig`, a dict or an omegaconf ``DictConfig``.
+
+    Returns:
+        The optimizer. Block optimizers carry their plan (see :func:`plan_of`).
+
+    Raises:
+        TypeError, ValueError: for an invalid config (see :meth:`OptimConfig.from_any`).
+
+    Example::
+
+        >>> optimizer = create_optimizer(model, {"name": "adam_mini", "lr": 6e-4})
+        >>> print(plan_of(optimizer))
+    """
+    from lightning_lowmem.config import OptimConfig
+
+    cfg = OptimConfig.from_any(cfg)
+    return OPTIMIZERS[cfg.name](model, cfg)
+
+
+def plan_of(optimizer: Optimizer) -> BlockPlan | None:
+    """The :class:`BlockPlan` of a block optimizer (``AdamMini``, ``Eve``, ...), ``None`` for others.
+
+    Example::
+
+        >>> plan_of(torch.optim.AdamW(model.parameters())) is None
+        True
+    """
+    plan = getattr(optimizer, "plan", None)
+    return plan if isinstance(plan, BlockPlan) else None
+
+
+def decay_groups(model: nn.Module, no_decay: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The decayed / not-decayed param groups of ``model``, by the roles of its ``adam_mini`` plan.
+
+    These are the groups :class:`~lightning_lowmem.optim.block_adam.BlockAdam` builds (roles do not
+    depend on the preset), with ``(name, parameter)`` pairs so the optimizer's state dict is named.
+
+    Args:
+        model: the model; frozen parameters are left out.
+        no_decay: roles that get ``weight_decay=0``.
+
+    Returns:
+        One group of decayed parameters and one with ``weight_decay=0.0`` (an empty one is left out).
+    """
+    with warnings.catch_warnings():
+        # The plan's block fallbacks are irrelevant here: only the roles are read.
+        warnings.simplefilter("ignore", UserWarning)
+        plan = build_plan(model, "adam_mini")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return _decay_groups(named, plan, no_decay)
+
+
+def _block_adam_kwargs(cfg: OptimConfig) -> dict[str, Any]:
+    """The keyword arguments every block optimizer takes, from ``cfg``."""
+    return dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                rules=cfg.rules or None, no_decay=cfg.no_decay, backend=cfg.backend)
+
+
+@register_optimizer("adamw")
+def _adamw(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """``torch.optim.AdamW`` with the block optimizers' weight-decay groups (``rules``/``backend`` unused)."""
+    if cfg.rules:
+        log.warning("adamw has no blocks: the rules %s are ignored.", cfg.rules)
+    return torch.optim.AdamW(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+@register_optimizer("adam_mini")
+def _adam_mini(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """``AdamMini`` with the reference implementation's (v1.1) blocks."""
+    return AdamMini(model, preset="adam_mini", **_block_adam_kwargs(cfg))
+
+
+@register_optimizer("adam_mini_paper")
+def _adam_mini_paper(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """``AdamMini`` with the paper's (Algorithms 2-4) blocks."""
+    return AdamMini(model, preset="adam_mini_paper", **_block_adam_kwargs(cfg))
+
+
+@register_optimizer("eve")
+def _eve(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """``Eve``: one second moment per row of every linear weight."""
+    return Eve(model, **_block_adam_kwargs(cfg))
