@@ -8,6 +8,7 @@ from lightning_lowmem.config import OptimConfig, SchedulerConfig
 from lightning_lowmem.module import LowMemOptimizerMixin
 from lightning_lowmem.optim import AdamMini, BlockAdam, Eve
 from lightning_lowmem.partition import BlockPlan, BlockSpec, build_plan
+from lightning_lowmem.strategies import LowMemFSDPStrategy  # registers Trainer(strategy="lowmem_fsdp")
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ __all__ = [
     "BlockPlan",
     "BlockSpec",
     "Eve",
+    "LowMemFSDPStrategy",
     "LowMemOptimizerMixin",
     "OptimConfig",
     "SchedulerConfig",
