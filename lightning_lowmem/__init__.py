@@ -6,7 +6,7 @@ a model's structure, and a mixin that builds them from a config.
 
 from lightning_lowmem.config import OptimConfig, SchedulerConfig
 from lightning_lowmem.module import LowMemOptimizerMixin
-from lightning_lowmem.optim import AdamMini, BlockAdam, Eve
+from lightning_lowmem.optim import AdamMini, BlockAdam, Eve, MicroAdam
 from lightning_lowmem.partition import BlockPlan, BlockSpec, build_plan
 from lightning_lowmem.strategies import LowMemFSDPStrategy  # registers Trainer(strategy="lowmem_fsdp")
 
@@ -18,6 +18,7 @@ __all__ = [
     "BlockPlan",
     "BlockSpec",
     "Eve",
+    "MicroAdam",
     "LowMemFSDPStrategy",
     "LowMemOptimizerMixin",
     "OptimConfig",

@@ -13,7 +13,7 @@ from lightning_lowmem import OptimConfig, SchedulerConfig
 from lightning_lowmem.kernels.dispatch import BACKENDS
 from lightning_lowmem.optim.registry import OPTIMIZERS, register_optimizer
 
-NAMES = "'adamw', 'adam_mini', 'adam_mini_paper', 'eve'"
+NAMES = "'adamw', 'adam_mini', 'adam_mini_paper', 'eve', 'micro_adam'"
 NAN = math.nan
 INF = math.inf
 

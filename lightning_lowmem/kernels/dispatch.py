@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "compile", "triton")
 
+#: Compiled graphs per update function (one per distinct parameter shape and layout) before dynamo
+#: stops recompiling and runs eagerly.
+_MAX_GRAPHS = 64
+
 
 def check_backend(backend: str, allowed: tuple[str, ...] = BACKENDS) -> None:
     """Raise a ValueError naming the valid backends (``allowed``: those an optimizer supports)."""

@@ -79,6 +79,8 @@ def block_mean_sq(grad: Tensor, layout: RowLayout) -> Tensor:
     row_sq = rows.square().sum(dim=1)
     if layout.group_index is None:
         return row_sq / layout.group_numel
+    if layout.group_numel.numel() == 1:  # one block (a 'tensor' spec): a plain sum
+        return row_sq.sum(0, keepdim=True) / layout.group_numel
     sums = row_sq.new_zeros(layout.group_numel.numel()).index_add_(0, layout.group_index, row_sq)
     return sums / layout.group_numel
 

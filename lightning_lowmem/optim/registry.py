@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from lightning_lowmem.optim.adam_mini import AdamMini
 from lightning_lowmem.optim.block_adam import _decay_groups
 from lightning_lowmem.optim.eve import Eve
+from lightning_lowmem.optim.micro_adam import MicroAdam
 from lightning_lowmem.partition import BlockPlan, build_plan
 
 if TYPE_CHECKING:  # config.py validates names against this registry: import it lazily, no cycle
@@ -168,3 +169,12 @@ def _adam_mini_paper(model: nn.Module, cfg: OptimConfig) -> Optimizer:
 def _eve(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     """``Eve``: one second moment per row of every linear weight."""
     return Eve(model, **_block_adam_kwargs(cfg))
+
+
+@register_optimizer("micro_adam")
+def _micro_adam(model: nn.Module, cfg: OptimConfig) -> Optimizer:
+    """``MicroAdam``: a window of 1%-sparse gradients plus 4-bit error feedback (about 1 byte/param)."""
+    if cfg.rules:
+        log.warning("micro_adam has no blocks: the rules %s are ignored.", cfg.rules)
+    return MicroAdam(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                     weight_decay=cfg.weight_decay, backend=cfg.backend)

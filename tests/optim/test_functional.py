@@ -109,9 +109,11 @@ def test_a_wrong_grouping_would_be_detected():
     assert (by_row - by_head).abs().max() > 1e-4
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager must fail the test
 def test_compiled_path_equals_reference():
     torch.manual_seed(2)
-    entries = [ENTRIES["fused_qkv_gqa"], ENTRIES["conv1d_transposed"]]
+    entries = [ENTRIES[name] for name in ("fused_qkv_gqa", "conv1d_transposed", "tensor", "tensor_1d", "row")]
+    entries.append(ParamBlocks.single("w", (7,), BlockSpec("full")))
     for entry in entries:
         init = torch.randn(entry.shape)
         grads = [torch.randn(entry.shape) for _ in range(3)]

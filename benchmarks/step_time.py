@@ -1,0 +1,134 @@
+"""Optimizer step time on a GPT-2-small-like parameter set, side by side with ``torch.optim.AdamW``.
+
+Every optimizer gets its own copy of the same parameters and gradients; after a warm-up (which
+includes ``torch.compile``), the steps are timed round-robin (one step of each optimizer per round)
+so that every ratio compares steps taken under the same machine load. The table gives the median
+over the rounds, the ratio to ``AdamW(fused=True)``, the measured state bytes per parameter, and the
+effective bandwidth: the bytes a step must move at the least (AdamW: read p, g, m, v and write p, m,
+v = 28 bytes per fp32 parameter; AdamMini/Eve: read p, g, m and write p, m = 20) divided by the time.
+
+Run::
+
+    python benchmarks/step_time.py                 # GPT-2 small (124M parameters), CPU
+    python benchmarks/step_time.py --layers 4 --width 512 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lightning_lowmem.models.gpt import GPT, GPTConfig
+from lightning_lowmem.optim import AdamMini, Eve
+from lightning_lowmem.utils.memory import optimizer_state_bytes
+
+#: Bytes a step must read and write per fp32 parameter, at the least.
+MIN_BYTES_PER_PARAM = {"adamw": 28, "block": 20, "micro_adam": 12}
+
+
+def make_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The model whose parameters are optimized, with fixed random gradients."""
+    torch.manual_seed(0)
+    config = GPTConfig.gpt2_small(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64)
+    model = GPT(config).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
+def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]]:
+    """Name -> (kind for the bandwidth floor, factory)."""
+    out: dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]] = {
+        "AdamW fused": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)),
+        "AdamW foreach": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)),
+    }
+    for backend in ("torch", "compile"):
+        out[f"AdamMini {backend}"] = ("block", lambda m, b=backend: AdamMini(m, lr=1e-4, backend=b))
+        out[f"Eve {backend}"] = ("block", lambda m, b=backend: Eve(m, lr=1e-4, backend=b))
+    try:
+        from lightning_lowmem.optim import MicroAdam
+    except ImportError:
+        return out
+    out["MicroAdam torch"] = ("micro_adam", lambda m: MicroAdam(m, lr=1e-4, backend="torch"))
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    device = torch.device(args.device)
+    setups = {}
+    for name, (kind, factory) in candidates(device).items():
+        if args.only and not any(word.lower() in name.lower() for word in args.only):
+            continue
+        model = make_model(args, device)
+        optimizer = factory(model)
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            optimizer.step()
+        sync(device)
+        setups[name] = (kind, model, optimizer, time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for _ in range(args.rounds):
+        for name, (_, _, optimizer, _) in setups.items():
+            sync(device)
+            start = time.perf_counter()
+            optimizer.step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times.get("AdamW fused") or next(iter(times.values())))
+    rows = []
+    for name, (kind, model, optimizer, warmup_s) in setups.items():
+        median = statistics.median(times[name])
+        n_params = sum(p.numel() for p in model.parameters())
+        rows.append({
+            "optimizer": name,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+            "ms_per_step": 1e3 * median,
+            "ratio_to_fused_adamw": median / base,
+            "state_bytes_per_param": optimizer_state_bytes(optimizer) / n_params,
+            "effective_gb_s": MIN_BYTES_PER_PARAM[kind] * n_params / median / 1e9,
+            "warmup_s": warmup_s,
+            "params": n_params,
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    header = f"{'optimizer':18s} {'device':12s} {'ms/step':>9s} {'vs fused':>9s} {'B/param':>8s} {'GB/s':>7s} {'warm-up s':>10s}"
+    print(f"{rows[0]['params']:,} parameters")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['optimizer']:18s} {r['device']:12s} {r['ms_per_step']:9.1f} {r['ratio_to_fused_adamw']:8.2f}x "
+              f"{r['state_bytes_per_param']:8.2f} {r['effective_gb_s']:7.1f} {r['warmup_s']:10.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=768, help="a multiple of 64 (head size 64)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    rows = run(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
