@@ -20,9 +20,11 @@ or under ``torch.compile``), and a Triton kernel must have the same signature an
 Example::
 
     >>> p, g = torch.randn(4, 3), torch.randn(4, 3)
-    >>> m, v, step = torch.zeros(4, 3), torch.zeros(4), torch.tensor(1.0)
-    >>> block_adam_update_(p, g, m, v, step, layout=RowLayout(elementwise=False, group_numel=3.0),
-    ...                    lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    >>> m, v = torch.zeros(4, 3), torch.zeros(4)
+    >>> step_size, bias_correction2_sqrt = adam_step_scalars(1, lr=1e-3, beta1=0.9, beta2=0.999)
+    >>> block_adam_update_(p, g, m, v, layout=RowLayout(elementwise=False, group_numel=3.0), lr=1e-3,
+    ...                    step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
+    ...                    beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
 """
 
 from __future__ import annotations
@@ -85,15 +87,25 @@ def block_mean_sq(grad: Tensor, layout: RowLayout) -> Tensor:
     return sums / layout.group_numel
 
 
+def adam_step_scalars(step: float, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    r"""``(step_size, bias_correction2_sqrt)`` of step ``step``: :math:`\eta/(1-\beta_1^t)` and :math:`\sqrt{1-\beta_2^t}`.
+
+    Computed once per step outside the update, so a compiled or Triton kernel loads two scalars
+    instead of evaluating powers for every vector of entries.
+    """
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+
+
 def block_adam_update_(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
-    step: Tensor | float,
     *,
     layout: RowLayout,
     lr: Tensor | float,
+    step_size: Tensor | float,
+    bias_correction2_sqrt: Tensor | float,
     beta1: float,
     beta2: float,
     eps: float,
@@ -101,12 +113,12 @@ def block_adam_update_(
     maximize: bool = False,
     mean_sq: Tensor | None = None,
 ) -> None:
-    """One in-place step of one tensor (``step`` already counts this step).
+    """One in-place step of one tensor, with the step's scalars from :func:`adam_step_scalars`.
 
     Low-precision parameters and momenta are updated in the dtype of ``exp_avg_sq`` and written
     back. ``mean_sq`` overrides :func:`block_mean_sq` (for block means reduced across ranks).
-    ``lr`` and ``step`` may be Python numbers or 0-dim tensors (the compiled path passes tensors so
-    that a new learning rate or step does not recompile).
+    ``lr``, ``step_size`` and ``bias_correction2_sqrt`` may be Python numbers or 0-dim tensors (the
+    compiled path passes tensors so that a new learning rate or step does not recompile).
     """
     compute = exp_avg_sq.dtype
     p = param if param.dtype == compute else param.to(compute)
@@ -118,10 +130,6 @@ def block_adam_update_(
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    step_size = lr / bias_correction1
-
     if layout.elementwise:
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
@@ -167,13 +175,19 @@ def block_adam(
         mean_sqs: per tensor, an already reduced block mean of ``g**2`` or ``None``.
     """
     update, wants_tensors = resolve_update(block_adam_update_, backend)
-    lr_arg = torch.tensor(lr, dtype=torch.float64) if wants_tensors else lr
+    as_arg = (lambda x: torch.tensor(x, dtype=torch.float64)) if wants_tensors else (lambda x: x)
+    lr_arg = as_arg(lr)
+    scalars: dict[float, tuple[Tensor | float, Tensor | float]] = {}  # parameters usually share a step
     for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         step += 1
+        t = step.item()
+        if t not in scalars:
+            scalars[t] = tuple(as_arg(x) for x in adam_step_scalars(t, lr, beta1, beta2))
+        step_size, bias_correction2_sqrt = scalars[t]
         layout = layouts[i]
         if wants_tensors:
             # one compiled graph per kind of update: 2-D row views, whatever the parameter's rank
-            param, grad, exp_avg = (as_rows(t, layout.transposed) for t in (param, grad, exp_avg))
+            param, grad, exp_avg = (as_rows(x, layout.transposed) for x in (param, grad, exp_avg))
             if layout.elementwise:
                 exp_avg_sq = as_rows(exp_avg_sq, layout.transposed)
             layout = layout._replace(transposed=False)
@@ -182,9 +196,10 @@ def block_adam(
             grad,
             exp_avg,
             exp_avg_sq,
-            step if wants_tensors else step.item(),
             layout=layout,
             lr=lr_arg,
+            step_size=step_size,
+            bias_correction2_sqrt=bias_correction2_sqrt,
             beta1=beta1,
             beta2=beta2,
             eps=eps,
