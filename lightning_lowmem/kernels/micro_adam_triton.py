@@ -21,23 +21,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_lowmem.kernels.triton_common import round_to_bf16
 from lightning_lowmem.optim.micro_adam_functional import QUANT_LEVELS, MicroAdamLayout
 
 _ELEMENTS_PER_PROGRAM = 1024
 _BUCKETS_PER_PROGRAM = 16
 _QUERY_CHUNK = 32
 _KEY_CHUNK = 256
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 ``x`` rounded to the nearest bf16 (ties to even), still as fp32: exact under ``.to(bf16)``.
-
-    Done on the bits because Triton's interpreter truncates when it casts fp32 to bf16.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -72,8 +62,8 @@ def _quantize_kernel(
     x1 = tl.load(x_ptr + even + 1, mask=mask1, other=0.0)
     lo = tl.minimum(tl.min(tl.where(mask0, x0, float("inf")), axis=1), tl.min(tl.where(mask1, x1, float("inf")), axis=1))
     hi = tl.maximum(tl.max(tl.where(mask0, x0, -float("inf")), axis=1), tl.max(tl.where(mask1, x1, -float("inf")), axis=1))
-    lo = _round_to_bf16(lo)
-    hi = _round_to_bf16(hi)
+    lo = round_to_bf16(lo)
+    hi = round_to_bf16(hi)
     bucket_ok = buckets < num_buckets
     tl.store(lo_ptr + buckets, lo.to(tl.bfloat16), mask=bucket_ok)
     tl.store(hi_ptr + buckets, hi.to(tl.bfloat16), mask=bucket_ok)
@@ -134,7 +124,7 @@ def _window_update_kernel(
         p = tl.load(ptrs, mask=writer, other=0.0)
         new = p - lr * update
         if PARAM_BF16:
-            new = _round_to_bf16(new)
+            new = round_to_bf16(new)
         tl.store(ptrs, new.to(p.dtype), mask=writer)
 
 

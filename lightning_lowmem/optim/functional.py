@@ -137,10 +137,7 @@ def block_adam_update_(
     else:
         if mean_sq is None:
             mean_sq = block_mean_sq(g, layout)
-        exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        if layout.group_index is not None:
-            denom = denom[layout.group_index]
+        denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps)
         p_rows = as_rows(p, layout.transposed)
         p_rows.add_(as_rows(m, layout.transposed) / denom.unsqueeze(1) * -step_size)
 
@@ -148,6 +145,59 @@ def block_adam_update_(
         param.copy_(p)
     if m is not exp_avg:
         exp_avg.copy_(m)
+
+
+def _row_denominators_(
+    exp_avg_sq: Tensor, mean_sq: Tensor, layout: RowLayout, beta2: float, bias_correction2_sqrt: Tensor | float, eps: float
+) -> Tensor:
+    """Update the block second moments in place; return each row's ``sqrt(v_hat) + eps``."""
+    exp_avg_sq.mul_(beta2).add_(mean_sq, alpha=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    return denom if layout.group_index is None else denom[layout.group_index]
+
+
+def block_adam_update_triton_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    layout: RowLayout,
+    lr: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    mean_sq: Tensor | None = None,
+) -> None:
+    """:func:`block_adam_update_` as Triton kernels (same signature and result).
+
+    ``full`` tensors take one elementwise pass; tensors with one block per row take one pass that
+    also computes the row means of ``g**2``; other blocks (heads, tensors, fused segments, or block
+    means reduced across ranks) update their few second moments here and pass the per-row
+    denominators to the same row kernel. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    from lightning_lowmem.kernels import block_adam_triton as kernels
+
+    scalars = dict(lr=float(lr), step_size=float(step_size), bias_correction2_sqrt=float(bias_correction2_sqrt),
+                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    if layout.elementwise:
+        if not (param.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+            block_adam_update_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **scalars)
+            return
+        kernels.adam_elementwise_(param, grad.contiguous(), exp_avg, exp_avg_sq, **scalars)
+        return
+    p, g, m = (as_rows(t, layout.transposed) for t in (param, grad, exp_avg))
+    if layout.group_index is None and mean_sq is None:
+        kernels.adam_rows_(p, g, m, exp_avg_sq, denom=None, cols=float(layout.group_numel), **scalars)
+        return
+    if mean_sq is None:
+        mean_sq = block_mean_sq(grad, layout)
+    denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps)
+    kernels.adam_rows_(p, g, m, None, denom=denom.contiguous(), cols=float(p.shape[1]), **scalars)
 
 
 def block_adam(
@@ -170,11 +220,13 @@ def block_adam(
     """Functional API: one step over lists of tensors (increments ``state_steps``).
 
     Args:
-        backend: ``"torch"`` (eager reference) or ``"compile"`` (``torch.compile`` of the same
-            update; falls back to eager with one warning where compilation fails).
+        backend: ``"torch"`` (eager reference), ``"compile"`` (``torch.compile`` of the same
+            update; falls back to eager with one warning where compilation fails), ``"triton"``
+            (:func:`block_adam_update_triton_`) or ``"auto"`` (see :mod:`lightning_lowmem.kernels.dispatch`).
         mean_sqs: per tensor, an already reduced block mean of ``g**2`` or ``None``.
     """
-    update, wants_tensors = resolve_update(block_adam_update_, backend)
+    device = params[0].device if params else None
+    update, wants_tensors = resolve_update(block_adam_update_, backend, triton=block_adam_update_triton_, device=device)
     as_arg = (lambda x: torch.tensor(x, dtype=torch.float64)) if wants_tensors else (lambda x: x)
     lr_arg = as_arg(lr)
     scalars: dict[float, tuple[Tensor | float, Tensor | float]] = {}  # parameters usually share a step

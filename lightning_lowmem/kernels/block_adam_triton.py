@@ -1,0 +1,130 @@
+"""Triton kernels of the block-Adam update (AdamMini, Eve) and their launchers.
+
+Both kernels compute in fp32 and store in the tensors' own dtypes (bf16 parameters with fp32 state
+work). Per step and entry they read ``p, g, m`` and write ``p, m`` (20 bytes for fp32), plus ``v``
+for elementwise blocks (28 bytes, AdamW):
+
+* :func:`adam_elementwise_` -- ``full`` blocks: AdamW, one pass over flat contiguous tensors;
+* :func:`adam_rows_` -- a ``rows x cols`` view (any strides, so GPT-2's transposed ``Conv1D``
+  weights need no copy). With one block per row it computes the row means of ``g**2``, updates
+  ``v`` and applies the update in the same program, so ``g`` is read from memory once; otherwise
+  the caller passes the per-row denominator ``sqrt(v_hat) + eps`` of each row's block.
+
+Example::
+
+    >>> adam_rows_(p_rows, g_rows, m_rows, v, denom=None, lr=1e-3, step_size=1e-2,
+    ...            bias_correction2_sqrt=0.03, beta1=0.9, beta2=0.999, eps=1e-8,
+    ...            weight_decay=0.0, maximize=False, cols=768.0)
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lightning_lowmem.kernels.triton_common import store_rounded
+
+_ELEMENTWISE_BLOCK = 1024
+_MAX_BLOCK_COLS = 1024
+_TILE = 4096  # entries per program and column chunk of the row kernel
+
+
+@triton.jit
+def _adam_elementwise_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n,
+    lr, step_size, bc2_sqrt, beta1, beta2, eps, weight_decay,
+    MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask)
+    if MAXIMIZE:
+        g = -g
+    p = p * (1.0 - lr * weight_decay)
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    denom = tl.sqrt(v) / bc2_sqrt + eps
+    p = p + (m / denom) * (-step_size)
+    store_rounded(p_ptr + offs, p, mask)
+    store_rounded(m_ptr + offs, m, mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _adam_rows_kernel(
+    p_ptr, g_ptr, m_ptr, row_ptr,
+    rows, cols, p_stride_r, p_stride_c, g_stride_r, g_stride_c, m_stride_r, m_stride_c,
+    lr, step_size, bc2_sqrt, beta1, beta2, eps, weight_decay, cols_f,
+    ROW_STATS: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = r < rows
+    if ROW_STATS:
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, cols, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mask = row_mask[:, None] & (c < cols)[None, :]
+            g = tl.load(g_ptr + r[:, None] * g_stride_r + c[None, :] * g_stride_c, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(g * g, axis=1)
+        v = tl.load(row_ptr + r, mask=row_mask, other=0.0)  # row_ptr is v: one block per row
+        v = v * beta2 + (1.0 - beta2) * (acc / cols_f)
+        tl.store(row_ptr + r, v, mask=row_mask)
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+    else:
+        denom = tl.load(row_ptr + r, mask=row_mask, other=1.0)  # row_ptr is each row's denominator
+    for c0 in range(0, cols, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (c < cols)[None, :]
+        p_offs = r[:, None] * p_stride_r + c[None, :] * p_stride_c
+        m_offs = r[:, None] * m_stride_r + c[None, :] * m_stride_c
+        p = tl.load(p_ptr + p_offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + r[:, None] * g_stride_r + c[None, :] * g_stride_c, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + m_offs, mask=mask).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        p = p * (1.0 - lr * weight_decay)
+        m = m + (1.0 - beta1) * (g - m)
+        p = p + (m / denom[:, None]) * (-step_size)
+        store_rounded(p_ptr + p_offs, p, mask)
+        store_rounded(m_ptr + m_offs, m, mask)
+
+
+def adam_elementwise_(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr: float, step_size: float, bias_correction2_sqrt: float,
+    beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+) -> None:
+    """AdamW on contiguous tensors of one shape, in place (``v`` fp32)."""
+    n = p.numel()
+    grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
+    _adam_elementwise_kernel[grid](
+        p, g, m, v, n, lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+        MAXIMIZE=maximize, BLOCK=_ELEMENTWISE_BLOCK,
+    )
+
+
+def adam_rows_(
+    p: Tensor, g: Tensor, m: Tensor, v: Tensor | None, *, denom: Tensor | None, lr: float, step_size: float,
+    bias_correction2_sqrt: float, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    cols: float,
+) -> None:
+    """The update of ``rows x cols`` views ``p, g, m``, in place.
+
+    With ``denom=None`` every row is its own block: ``v`` (``[rows]``, fp32) is updated from the
+    row means of ``g**2`` (``cols`` entries per row). Otherwise ``denom`` (``[rows]``) is each row's
+    ``sqrt(v_hat) + eps`` and ``v`` is not touched.
+    """
+    rows, ncols = p.shape
+    block_c = min(triton.next_power_of_2(max(ncols, 1)), _MAX_BLOCK_COLS)
+    block_r = max(1, min(_TILE // block_c, triton.next_power_of_2(max(rows, 1))))
+    grid = (triton.cdiv(rows, block_r),)
+    row_stats = denom is None
+    _adam_rows_kernel[grid](
+        p, g, m, v if row_stats else denom,
+        rows, ncols, p.stride(0), p.stride(1), g.stride(0), g.stride(1), m.stride(0), m.stride(1),
+        lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay, cols,
+        ROW_STATS=row_stats, MAXIMIZE=maximize, BLOCK_R=block_r, BLOCK_C=block_c,
+    )

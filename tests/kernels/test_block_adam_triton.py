@@ -1,0 +1,134 @@
+"""The block-Adam Triton kernels against the PyTorch reference (Triton's interpreter without a GPU).
+
+Gradients are ~1e-3 and eps is 1e-4, so that eps is a tenth of sqrt(v): a misplaced eps or a
+missing bias correction moves the result by far more than the tolerance (checked below).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lightning_lowmem.optim.block_adam import layout_for  # noqa: E402
+from lightning_lowmem.optim.functional import (  # noqa: E402
+    adam_step_scalars,
+    block_adam_update_,
+    block_adam_update_triton_,
+    block_mean_sq,
+    state_dtype,
+)
+from lightning_lowmem.partition import BlockSpec, ParamBlocks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HPARAMS = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-4, weight_decay=0.1)
+TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+ENTRIES = {
+    "full_6x42": ParamBlocks.single("w", (6, 42), BlockSpec("full")),
+    "full_1": ParamBlocks.single("w", (1,), BlockSpec("full")),
+    "full_4097": ParamBlocks.single("w", (4097,), BlockSpec("full")),
+    "row_123x431": ParamBlocks.single("w", (123, 431), BlockSpec("row")),
+    "row_1x1": ParamBlocks.single("w", (1, 1), BlockSpec("row")),
+    "row_wide_3x2500": ParamBlocks.single("w", (3, 2500), BlockSpec("row")),
+    "tensor_4097": ParamBlocks.single("w", (4097,), BlockSpec("tensor")),
+    "head_of_3_rows": ParamBlocks.single("w", (12, 42), BlockSpec("head", head_dim=3)),
+    "fused_qkv": ParamBlocks("w", (15, 7), ((BlockSpec("head", head_dim=3), 6), (BlockSpec("head", head_dim=3), 3), (BlockSpec("row"), 6))),
+    "transposed_rows": ParamBlocks.single("w", (42, 6), BlockSpec("row"), transposed=True),
+    "transposed_heads": ParamBlocks.single("w", (7, 12), BlockSpec("head", head_dim=3), transposed=True),
+}
+
+
+def _tensors(entry: ParamBlocks, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(entry.shape, generator=gen).to(dtype)
+    m = (torch.randn(entry.shape, generator=gen) * 1e-3).to(dtype)
+    v = torch.rand(entry.state_shape(), generator=gen, dtype=torch.float32) * 1e-6
+    grads = [(torch.randn(entry.shape, generator=gen) * 1e-3).to(dtype) for _ in range(3)]
+    return [t.to(DEVICE) for t in (p, m, v)], [g.to(DEVICE) for g in grads]
+
+
+def _run(update, entry, dtype, *, maximize=False, reduced_means=False, scalars=adam_step_scalars):
+    (p, m, v), grads = _tensors(entry, dtype)
+    layout = layout_for(entry, torch.device(DEVICE))
+    for t, g in enumerate(grads, start=1):
+        step_size, bc2 = scalars(t, HPARAMS["lr"], HPARAMS["beta1"], HPARAMS["beta2"])
+        mean_sq = block_mean_sq(g, layout) if reduced_means and not layout.elementwise else None
+        update(p, g, m, v, layout=layout, step_size=step_size, bias_correction2_sqrt=bc2, maximize=maximize,
+               mean_sq=mean_sq, **HPARAMS)
+    return p, m, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_triton_equals_reference(name, dtype):
+    entry = ENTRIES[name]
+    expected = _run(block_adam_update_, entry, dtype)
+    got = _run(block_adam_update_triton_, entry, dtype)
+    for e, g in zip(expected, got):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), **TOL[dtype])
+    assert got[2].dtype == state_dtype(got[0])
+
+
+@pytest.mark.parametrize("name", ["row_123x431", "fused_qkv", "full_6x42"])
+def test_maximize_and_precomputed_block_means(name):
+    entry = ENTRIES[name]
+    for kwargs in (dict(maximize=True), dict(reduced_means=True)):
+        expected = _run(block_adam_update_, entry, torch.float32, **kwargs)
+        got = _run(block_adam_update_triton_, entry, torch.float32, **kwargs)
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+def test_tolerance_catches_a_missing_bias_correction():
+    """The fp32 tolerance is tight enough to see the bias correction of the second moment."""
+    entry = ENTRIES["row_123x431"]
+    expected = _run(block_adam_update_, entry, torch.float32)
+    no_bc2 = _run(block_adam_update_, entry, torch.float32, scalars=lambda t, lr, b1, b2: (adam_step_scalars(t, lr, b1, b2)[0], 1.0))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(no_bc2[0], expected[0], **TOL[torch.float32])
+
+
+def test_tolerance_catches_eps_inside_the_square_root():
+    entry = ENTRIES["row_123x431"]
+    (p, m, v), grads = _tensors(entry, torch.float32)
+    layout = layout_for(entry, torch.device(DEVICE))
+    expected = _run(block_adam_update_, entry, torch.float32)[0]
+    for t, g in enumerate(grads, start=1):  # the same update, with sqrt(v_hat + eps) instead of sqrt(v_hat) + eps
+        step_size, bc2 = adam_step_scalars(t, HPARAMS["lr"], HPARAMS["beta1"], HPARAMS["beta2"])
+        p.mul_(1 - HPARAMS["lr"] * HPARAMS["weight_decay"])
+        m.lerp_(g, 1 - HPARAMS["beta1"])
+        v.mul_(HPARAMS["beta2"]).add_(block_mean_sq(g, layout), alpha=1 - HPARAMS["beta2"])
+        p.add_(m / ((v / bc2**2 + HPARAMS["eps"]).sqrt()).unsqueeze(1) * -step_size)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(p, expected, **TOL[torch.float32])
+
+
+def test_auto_backend_picks_triton_only_for_cuda():
+    from lightning_lowmem.kernels.dispatch import resolve_update
+
+    cpu, _ = resolve_update(block_adam_update_, "auto", triton=block_adam_update_triton_, device=torch.device("cpu"))
+    assert cpu is not block_adam_update_triton_
+    explicit, wants_tensors = resolve_update(block_adam_update_, "triton", triton=block_adam_update_triton_)
+    assert explicit is block_adam_update_triton_ and not wants_tensors
+
+
+@pytest.mark.parametrize("name", ["AdamMini", "Eve"])
+def test_optimizer_with_triton_backend_follows_the_reference(name):
+    import lightning_lowmem.optim as optim
+    from lightning_lowmem.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig.tiny(n_layer=1)).to(DEVICE) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [getattr(optim, name)(m, backend=b) for m, b in zip(models, ("torch", "triton"))]
+    for _ in range(3):
+        idx = torch.randint(0, 256, (2, 16), device=DEVICE)
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            model(idx, idx)[1].backward()
+            optimizer.step()
+    for (name_, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name_)
