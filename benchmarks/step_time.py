@@ -2,8 +2,9 @@
 
 Every optimizer gets its own copy of the same parameters and gradients; after a warm-up (which
 includes ``torch.compile``), the steps are timed round-robin (one step of each optimizer per round)
-so that every ratio compares steps taken under the same machine load. The table gives the median
-over the rounds, the ratio to ``AdamW(fused=True)``, the measured state bytes per parameter, and the
+so that every ratio compares steps taken under the same machine load. ``--clock cpu`` times the
+process's CPU time instead of wall time, which other jobs on a shared machine barely disturb. The
+table gives the median over the rounds, the ratio to ``AdamW(fused=True)``, the measured state bytes per parameter, and the
 effective bandwidth: the bytes a step must move at the least (AdamW: read p, g, m, v and write p, m,
 v = 28 bytes per fp32 parameter; AdamMini/Eve: read p, g, m and write p, m = 20) divided by the time.
 
@@ -77,14 +78,15 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
             optimizer.step()
         sync(device)
         setups[name] = (kind, model, optimizer, time.perf_counter() - start)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in setups}
     for _ in range(args.rounds):
         for name, (_, _, optimizer, _) in setups.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             optimizer.step()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     base = statistics.median(times.get("AdamW fused") or next(iter(times.values())))
     rows = []
     for name, (kind, model, optimizer, warmup_s) in setups.items():
@@ -120,9 +122,14 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=768, help="a multiple of 64 (head size 64)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or the process's CPU time (robust to other jobs on the machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -227,15 +227,16 @@ def block_adam(
     """
     device = params[0].device if params else None
     update, wants_tensors = resolve_update(block_adam_update_, backend, triton=block_adam_update_triton_, device=device)
-    as_arg = (lambda x: torch.tensor(x, dtype=torch.float64)) if wants_tensors else (lambda x: x)
-    lr_arg = as_arg(lr)
-    scalars: dict[float, tuple[Tensor | float, Tensor | float]] = {}  # parameters usually share a step
+    # the compiled path takes the scalars as 0-dim tensors in the state's dtype (as eager ops cast
+    # Python scalars), so that a new step or learning rate does not recompile
+    scalars: dict[tuple[float, torch.dtype], tuple[Tensor | float, ...]] = {}  # parameters usually share a step
     for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
         step += 1
-        t = step.item()
-        if t not in scalars:
-            scalars[t] = tuple(as_arg(x) for x in adam_step_scalars(t, lr, beta1, beta2))
-        step_size, bias_correction2_sqrt = scalars[t]
+        key = (step.item(), exp_avg_sq.dtype)
+        if key not in scalars:
+            values = (lr, *adam_step_scalars(key[0], lr, beta1, beta2))
+            scalars[key] = tuple(torch.tensor(x, dtype=key[1]) for x in values) if wants_tensors else values
+        lr_arg, step_size, bias_correction2_sqrt = scalars[key]
         layout = layouts[i]
         if wants_tensors:
             # one compiled graph per kind of update: 2-D row views, whatever the parameter's rank
