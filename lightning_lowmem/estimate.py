@@ -12,9 +12,10 @@ AdamW                  ``8 N``: ``exp_avg`` and ``exp_avg_sq``, 4 bytes each
 AdamMini (preset)      ``4 (N + V)``: ``m`` elementwise, ``V`` second-moment values of the
                        block plan (:meth:`BlockPlan.state_bytes`)
 Eve                    the same with the ``eve`` preset (one value per row of linear weights)
-MicroAdam              per compressed tensor :meth:`MicroAdamLayout.state_bytes` (about
-                       ``0.5 + 4/bucket + 4 m k`` bytes per parameter, 0.963 at the defaults);
-                       tensors below ``min_compressed_numel`` keep fp32 AdamW state (8 bytes)
+MicroAdam              per compressed tensor :meth:`MicroAdamLayout.state_bytes` (row-aligned
+                       blocks: about ``0.5 + 4/bucket + 4 m density`` bytes per parameter,
+                       0.983 for GPT-2 small at the defaults); 1-D tensors and tensors below
+                       ``min_compressed_numel`` keep fp32 AdamW state (8 bytes)
 =====================  ==================================================================
 
 ``N`` counts a tied weight once. No Lightning inside: the CLI (``lowmem estimate``), the docs and
@@ -173,9 +174,9 @@ def micro_adam_estimate(model: nn.Module, **settings: Any) -> StateEstimate:
     """MicroAdam's state for ``model`` (its defaults unless ``settings`` say otherwise).
 
     A :class:`~lightning_lowmem.optim.MicroAdam` is built over the (meta) parameters to apply its own
-    rules: a tensor of at least ``min_compressed_numel`` elements holds the compressed window and
-    error feedback (:meth:`MicroAdam.layout_of` ... ``.state_bytes(window)``), a smaller one fp32
-    ``exp_avg``/``exp_avg_sq``. Nothing is allocated.
+    rules: a tensor of two or more dims and at least ``min_compressed_numel`` elements holds the
+    compressed window and error feedback (:meth:`MicroAdam.layout_of` ... ``.state_bytes(window)``),
+    any other fp32 ``exp_avg``/``exp_avg_sq``. Nothing is allocated.
     """
     optimizer = MicroAdam(model, **settings)
     state_bytes = num_params = 0

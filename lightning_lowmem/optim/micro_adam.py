@@ -1,6 +1,7 @@
 r"""``MicroAdam``: Adam over a window of compressed gradients, with compressed error feedback.
 
-The math lives in :mod:`lightning_lowmem.optim.micro_adam_functional`; this class holds the state.
+The math lives in :mod:`lightning_lowmem.optim.micro_adam_functional`; this class holds the state,
+which for a parameter sharded by FSDP2 is a set of ``Shard(0)`` DTensors of its rows.
 """
 
 from __future__ import annotations
@@ -16,22 +17,18 @@ from lightning_lowmem.optim.functional import RowLayout, block_adam, state_dtype
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.optim.micro_adam_functional import (
     DEFAULT_BLOCK_SIZE,
+    STATE_DTYPES,
     MicroAdamLayout,
     check_micro_adam_hparams,
     init_state,
     micro_adam,
     micro_adam_layout,
 )
+from lightning_lowmem.optim.sharding import ParamSharding, to_local
 
 #: State keys of a compressed parameter, in :func:`init_state`'s order, with their dtypes.
-COMPRESSED_STATE = {
-    "window_indices": torch.int16,
-    "window_values": torch.bfloat16,
-    "error": torch.uint8,
-    "error_min": torch.bfloat16,
-    "error_max": torch.bfloat16,
-}
-#: State keys of a parameter too small to compress (plain AdamW).
+COMPRESSED_STATE = STATE_DTYPES
+#: State keys of a parameter that is not compressed (plain AdamW).
 DENSE_STATE = ("exp_avg", "exp_avg_sq")
 #: Group settings that decide the state's layout: a checkpoint must have been written with the same.
 LAYOUT_SETTINGS = ("window", "density", "block_size", "quant_bucket", "min_compressed_numel")
@@ -40,14 +37,16 @@ LAYOUT_SETTINGS = ("window", "density", "block_size", "quant_bucket", "min_compr
 class MicroAdam(LowMemOptimizer):
     r"""MicroAdam (Modoranu et al., 2024): Adam whose state is a window of sparse gradients.
 
-    For each parameter, flattened to :math:`d` coordinates, at step :math:`t`:
+    Each parameter of two or more dims is viewed as rows (dim 0) of :math:`c` coordinates (the
+    other dims flattened); each row is cut into :math:`\lceil c / \text{block\_size} \rceil`
+    blocks of near-equal length. At step :math:`t`, with the gradient :math:`g_t`:
 
     .. math::
 
         a &= g_t + \mathrm{deq}(e)
             && \text{gradient plus the 4-bit error feedback}\\
         I &= \textstyle\bigcup_b \operatorname{top-k}_{i\in b} |a_i|,\quad
-            (I, a_I) \to \text{ring row } (t-1) \bmod m
+            (I, a_I) \to \text{ring slot } (t-1) \bmod m
             && \text{k per block, int16 indices, bf16 values}\\
         e &= Q_4(a \text{ with } a_I = 0)
             && \text{per bucket: } \lfloor (a-\min)/\tfrac{\max-\min}{15} + \tfrac12 \rceil\\
@@ -62,16 +61,31 @@ class MicroAdam(LowMemOptimizer):
     coordinates of each block and 0 elsewhere (exactly, when :math:`\epsilon = 0` or
     :math:`\epsilon < |g_i|\,2^{-25}`); with a window of identical gradients it equals AdamW's.
 
-    State per compressed parameter (``step`` aside): ``window_indices`` int16 ``[m, K]``,
-    ``window_values`` bf16 ``[m, K]``, ``error`` uint8 ``[ceil(d/2)]`` (two 4-bit codes per
-    byte), ``error_min``/``error_max`` bf16 ``[ceil(d/bucket)]``:
-    :math:`0.5 + 4/\text{bucket} + 4mk/\text{block}` = 0.963 bytes per parameter at the defaults
-    (8 for fp32 AdamW). Parameters with fewer than ``min_compressed_numel`` elements (by default one
-    block, 4096: biases, norms) keep AdamW's ``exp_avg``/``exp_avg_sq`` and are updated by the same
-    functional core as AdamW (:func:`lightning_lowmem.optim.functional.block_adam_update_`);
-    below one block the top-k would keep a handful of coordinates per step, and such tensors are a
-    tiny fraction of a transformer (0.1% of GPT-2 small). :meth:`compressed_names` and
-    :meth:`summary` say which parameters are compressed.
+    **Block layout, and why.** Top-k blocks and quantisation buckets are *row-aligned*: a row of
+    :math:`c` coordinates has :math:`n = \lceil c/\text{block\_size}\rceil` blocks of
+    :math:`\lceil c/n \rceil` coordinates (the last holds the rest) with
+    :math:`k = \max(1, \lceil \text{density}\cdot\text{length}\rceil)` kept per block, and
+    buckets of ``quant_bucket`` coordinates (the row's last bucket may be shorter); nothing crosses
+    a row. FSDP2 shards parameters on dim 0 in whole rows (``torch.chunk``), so each rank holds
+    whole blocks and buckets: it updates its rows alone (no communication, and per row the same
+    computation as one process), and every state tensor has the rows as its dim 0, stored as a ``Shard(0)``
+    DTensor with the same global shape on any number of ranks. A checkpoint written on 2 ranks
+    therefore resumes on 1 or 4. ``block_size`` does not depend on the device either. A row
+    shorter than ``1 / density`` still keeps one coordinate per step, so very narrow weights
+    (fewer than about 100 columns) cost more than 1 byte per parameter.
+
+    State per compressed parameter (``step`` aside), rows :math:`R`, ring of :math:`m`, :math:`K`
+    entries per row: ``window`` int32 ``[R, m, K]`` (each entry an int16 index relative to its
+    block in the low half and the bf16 value in the high half: gloo and NCCL cannot gather
+    int16), ``error`` uint8 ``[R, ceil(c/2)]`` (two 4-bit codes per byte), ``error_min``/``error_max``
+    bf16 ``[R, ceil(c/bucket)]``: about :math:`0.5 + 4/\text{bucket} + 4m\,\text{density}` bytes
+    per parameter (0.97 to 0.98 for GPT-2 small's matrices at the defaults, 8 for fp32 AdamW).
+    One-dimensional parameters and those with fewer than ``min_compressed_numel`` elements (by
+    default one block, 4096: biases, norms) keep AdamW's ``exp_avg``/``exp_avg_sq`` (DTensors like
+    the parameter under FSDP2) and are updated by the same functional core as AdamW
+    (:func:`lightning_lowmem.optim.functional.block_adam_update_`): a 1-D tensor has no rows to
+    align blocks to, and such tensors are a tiny fraction of a transformer (0.1% of GPT-2 small).
+    :meth:`compressed_names` and :meth:`summary` say which parameters are compressed.
 
     Args:
         params: a model, ``model.named_parameters()``, tensors, or param-group dicts.
@@ -80,10 +94,10 @@ class MicroAdam(LowMemOptimizer):
         eps: :math:`\epsilon`, added to :math:`\sqrt{c_2 S}`.
         weight_decay: decoupled weight decay :math:`\lambda` (0 by default, as the official code).
         window: :math:`m`, sparse gradients kept.
-        density: fraction of each block kept, :math:`k = \max(1, \lceil \text{density}\cdot\text{block}\rceil)`
-            (the shorter last block keeps :math:`\max(1, \lceil \text{density}\cdot\text{its size}\rceil)`).
-        block_size: coordinates per top-k block, at most 32768 (int16 relative indices). The
-            default 4096 does not depend on the device, so checkpoints move between devices.
+        density: fraction of each block kept, :math:`k = \max(1, \lceil \text{density}\cdot\text{block length}\rceil)`.
+        block_size: the most coordinates of one top-k block, at most 32768 (int16 relative
+            indices); a row longer than this is cut into blocks of near-equal length. The default
+            4096 does not depend on the device, so checkpoints move between devices.
         quant_bucket: coordinates per min/max bucket of the error feedback (even).
         min_compressed_numel: parameters with fewer elements keep AdamW state; ``None`` means
             ``block_size``.
@@ -93,7 +107,8 @@ class MicroAdam(LowMemOptimizer):
             ``TRITON_INTERPRET=1``); see :mod:`lightning_lowmem.kernels.dispatch`.
 
     Raises:
-        ValueError: for a hyperparameter out of range, naming it.
+        ValueError: for a hyperparameter out of range, naming it, or a DTensor parameter that is
+            not sharded on dim 0 of a 1-D mesh (or replicated).
 
     Example::
 
@@ -139,27 +154,25 @@ class MicroAdam(LowMemOptimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_micro_adam_hparams(group["window"], group["density"], group["block_size"], group["quant_bucket"])
-        sharded = [name for name, p, _ in self.named_params() if _is_dtensor(p)]
-        if sharded:
-            raise NotImplementedError(
-                f"MicroAdam does not support sharded (DTensor) parameters yet ({sharded[0]!r}): its window and "
-                "error feedback are laid out over the whole flattened tensor. Use a strategy that does not shard "
-                "parameters, or AdamMini/Eve under FSDP2."
-            )
+            for p in group["params"]:
+                ParamSharding.of(p, transposed=False)  # raises for placements other than FSDP2's
         self.backend = backend
 
     # ---- which parameters are compressed -------------------------------------------------------
 
     @staticmethod
     def is_compressed(param: torch.Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``param`` gets compressed state under ``group``'s settings."""
-        return param.numel() >= group["min_compressed_numel"]
+        """Whether ``param`` gets compressed state under ``group``'s settings: 2+ dims and
+        ``min_compressed_numel`` elements (global counts for a DTensor)."""
+        return param.dim() >= 2 and param.numel() >= group["min_compressed_numel"]
 
     @staticmethod
     def layout_of(param: torch.Tensor, group: dict[str, Any]) -> MicroAdamLayout:
-        """The block/bucket layout of a compressed parameter under ``group``'s settings."""
+        """The row-aligned block/bucket layout of a compressed parameter (its global rows) under ``group``'s settings."""
+        rows = param.shape[0]
         return micro_adam_layout(
-            param.numel(), block_size=group["block_size"], density=group["density"], quant_bucket=group["quant_bucket"]
+            rows, param.numel() // rows,
+            block_size=group["block_size"], density=group["density"], quant_bucket=group["quant_bucket"],
         )
 
     def compressed_names(self) -> list[str]:
@@ -167,7 +180,8 @@ class MicroAdam(LowMemOptimizer):
         return [name for name, p, group in self.named_params() if self.is_compressed(p, group)]
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state: allocated tensors where state exists, else what will be allocated."""
+        """Bytes of optimizer state (of all ranks for sharded parameters): allocated tensors where state
+        exists, else what will be allocated."""
         total = 0
         for _, p, group in self.named_params():
             if self.state.get(p):
@@ -183,13 +197,17 @@ class MicroAdam(LowMemOptimizer):
         return param.numel() * (param.element_size() + torch.empty(0, dtype=state_dtype(param)).element_size()) + step_bytes
 
     def summary(self) -> str:
-        """A table: each parameter, its size, whether it is compressed, its state bytes per element."""
-        rows = [("name", "shape", "numel", "state", "bytes/param")]
+        """A table: each parameter, its size, its state kind and blocks per row, its state bytes per element."""
+        rows = [("name", "shape", "numel", "state", "blocks/row", "bytes/param")]
         numel = state = 0
         for name, p, group in self.named_params():
             nbytes = self._planned_bytes(p, group)
-            kind = "compressed" if self.is_compressed(p, group) else "adamw"
-            rows.append((name, str(list(p.shape)), str(p.numel()), kind, f"{nbytes / p.numel():.3f}"))
+            if self.is_compressed(p, group):
+                layout = self.layout_of(p, group)
+                kind, blocks = "compressed", f"{layout.blocks_per_row} x <={layout.block_len}"
+            else:
+                kind, blocks = "adamw", "-"
+            rows.append((name, str(list(p.shape)), str(p.numel()), kind, blocks, f"{nbytes / p.numel():.3f}"))
             numel += p.numel()
             state += nbytes
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -203,37 +221,52 @@ class MicroAdam(LowMemOptimizer):
 
     # ---- state ---------------------------------------------------------------------------------
 
+    def _local_layout(self, param: torch.Tensor, group: dict[str, Any]) -> MicroAdamLayout:
+        """The layout of the rows of ``param`` held here (all of them unless it is a dim-0 shard)."""
+        return self.layout_of(param, group).with_rows(to_local(param).shape[0])
+
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            if self.is_compressed(p, group):
-                tensors = init_state(p, self.layout_of(p, group), group["window"])
-                state.update(zip(COMPRESSED_STATE, tensors))
-            else:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+        if state:
+            return state
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if not self.is_compressed(p, group):
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+            return state
+        # built from this rank's rows, wrapped with the global shape: Shard(0) like the parameter
+        sharding = ParamSharding.of(p, transposed=False)
+        layout = self.layout_of(p, group)
+        start, stop = sharding.local_rows(layout.rows)
+        local = self._local_layout(p, group)
+        if local.rows != stop - start:
+            raise RuntimeError(
+                f"MicroAdam expected rows {start}:{stop} of {self.param_name(p)!r} ({layout.rows} rows split like "
+                f"torch.chunk over {sharding.mesh.size()} ranks) on this rank, but its shard has {local.rows} rows; "
+                "only FSDP2's dim-0 sharding (fully_shard) is supported."
+            )
+        shapes = layout.state_shapes(group["window"])
+        for key, tensor in zip(COMPRESSED_STATE, init_state(to_local(p), local, group["window"])):
+            state[key] = sharding.new_block_state(tensor, shapes[key], sharded=sharding.row_sharded)
         return state
 
     def _expected_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-        """Per state key (``step`` aside): the shape, and the dtype when it is part of the format."""
+        """Per state key (``step`` aside): the global shape, and the dtype when it is part of the format."""
         if not self.is_compressed(param, group):
             return {key: (tuple(param.shape), None) for key in DENSE_STATE}
-        layout = self.layout_of(param, group)
-        row = (group["window"], layout.topk_per_row)
-        shapes = [row, row, (layout.packed_numel,), (layout.num_buckets,), (layout.num_buckets,)]
-        return {key: (shape, dtype) for (key, dtype), shape in zip(COMPRESSED_STATE.items(), shapes)}
+        shapes = self.layout_of(param, group).state_shapes(group["window"])
+        return {key: (shapes[key], dtype) for key, dtype in COMPRESSED_STATE.items()}
 
     def _check_param_state(self, name: str, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         expected = self._expected_state(param, group)
         keys = {"step", *expected}
-        kind = "compressed" if self.is_compressed(param, group) else "AdamW (too small to compress)"
+        kind = "compressed" if self.is_compressed(param, group) else "AdamW (1-D or too small to compress)"
         if set(state) != keys:
             raise ValueError(
                 f"Cannot load optimizer state for {name!r}: it has the keys {sorted(state)}, but MicroAdam keeps "
                 f"{sorted(keys)} for this {kind} parameter (missing {sorted(keys - set(state))}, unexpected "
-                f"{sorted(set(state) - keys)}). The checkpoint was written by another optimizer or with other "
-                "MicroAdam settings; resume with those, or load only the model weights."
+                f"{sorted(set(state) - keys)}). The checkpoint was written by another optimizer, another version "
+                "of MicroAdam or with other MicroAdam settings; resume with those, or load only the model weights."
             )
         for key, (shape, dtype) in expected.items():
             value = state[key]
@@ -271,7 +304,11 @@ class MicroAdam(LowMemOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Sharded (DTensor) parameters are updated from their local rows and local state: no
+        communication.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -288,15 +325,17 @@ class MicroAdam(LowMemOptimizer):
                     continue
                 state = self._init_state(p, group)
                 if self.is_compressed(p, group):
-                    packed["params"].append(p)
-                    packed["grads"].append(grad)
+                    packed["params"].append(to_local(p))
+                    packed["grads"].append(to_local(grad))
                     for key in COMPRESSED_STATE:
-                        packed[key].append(state[key])
+                        packed[key].append(to_local(state[key]))
                     packed["steps"].append(state["step"])
-                    packed["layouts"].append(self.layout_of(p, group))
+                    packed["layouts"].append(self._local_layout(p, group))
                 else:
-                    for key, value in zip(dense, (p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"])):
-                        dense[key].append(value)
+                    values = (p, grad, state["exp_avg"], state["exp_avg_sq"])
+                    for key, value in zip(dense, values):
+                        dense[key].append(to_local(value))
+                    dense["steps"].append(state["step"])
             if packed["params"]:
                 micro_adam(*packed.values(), **hparams, backend=self.backend)
             if dense["params"]:
@@ -311,11 +350,3 @@ class MicroAdam(LowMemOptimizer):
 
 def _as_float(value: float | torch.Tensor) -> float:
     return value.item() if isinstance(value, torch.Tensor) else value
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)

@@ -1,12 +1,28 @@
 r"""MicroAdam's functional core: compressed gradient window, 4-bit error feedback, one pure update.
 
-A parameter is flattened to :math:`d` coordinates, cut into blocks of ``block_size`` (the last
-block may be shorter) and into quantisation buckets of ``quant_bucket``. Its state is
+A parameter of two or more dims is viewed as ``rows x cols``: dim 0 against the other dims
+flattened. Each row is cut into :math:`\lceil \text{cols} / \text{block\_size} \rceil` top-k blocks
+of near-equal length (``block_len`` each, the row's last block shorter by fewer coordinates than
+the row has blocks) and into quantisation buckets of ``quant_bucket`` (the row's last bucket may be
+shorter). **No block and no bucket crosses a row.** FSDP2 shards a parameter on dim 0 in whole
+rows, so a rank's shard holds whole blocks and whole buckets: every rank updates its rows alone,
+with no communication, and every state tensor has the rows as its dim 0, so it is stored as a
+``Shard(0)`` DTensor whose global shape does not depend on the world size. Near-equal blocks,
+rather than full blocks plus a remainder, keep every block's density near ``density``: a row of
+4097 gets two blocks of 2049 and 2048 instead of a block of one coordinate selected at every step.
 
-* a ring buffer of the last :math:`m` (``window``) sparse gradients: per row, ``k`` indices per
-  block (``int16``, relative to the block) and their signed values (``bfloat16``);
-* the error feedback :math:`e`: one 4-bit code per coordinate, two codes per ``uint8`` (coordinate
-  ``2i`` in the low nibble, ``2i+1`` in the high one), with a ``bfloat16`` min and max per bucket.
+The state of a ``rows x cols`` tensor:
+
+* ``window``: the ring buffer of the last :math:`m` sparse gradients, int32 ``[rows, m, K]``
+  (``K`` = entries of one row: ``k`` per block). Each entry is the selected value rounded to
+  bfloat16, as the bits of that fp32 number (whose low 16 bits are then zero), with the
+  coordinate's index relative to its block (``< 2**15``) in those low 16 bits: an int16 index and
+  a bf16 value in 4 bytes. One int32 rather than an int16 and a bf16 tensor because neither gloo
+  nor NCCL all-gathers int16, and gathering every state tensor is how a full (single-file)
+  checkpoint of sharded state is written;
+* the error feedback :math:`e`: uint8 ``[rows, ceil(cols/2)]``, one 4-bit code per coordinate,
+  two per byte (column ``2i`` of a row in the low nibble, ``2i+1`` in the high one), with a
+  bf16 min and max per bucket, ``[rows, ceil(cols/quant_bucket)]`` each.
 
 One step :math:`t` (counted from 1) with gradient :math:`g`:
 
@@ -32,8 +48,10 @@ of their magnitude). As in the paper, the selected coordinates leave the error f
 the ``bfloat16`` rounding of :math:`V` is not fed back. Coordinates never selected in the window
 get :math:`u = 0`, and so does a coordinate with :math:`\sqrt{c_2 S} + \epsilon = 0`.
 
-State: :math:`0.5 + 4/\text{bucket} + 4 m k / \text{block}` bytes per coordinate, 0.96 at the
-defaults (:math:`m = 10`, 41 of 4096 per block, bucket 64), against 8 for fp32 AdamW.
+State per coordinate: :math:`\lceil\text{cols}/2\rceil/\text{cols} + 4\,\text{buckets}/\text{cols}
++ 4 m K/\text{cols}`, about :math:`0.5 + 4/\text{bucket} + 4 m\,\text{density}` (0.96 to 0.98 for
+the matrices of GPT-2 small at the defaults: :math:`m = 10`, 1% per block, bucket 64), against 8
+for fp32 AdamW (:meth:`MicroAdamLayout.state_bytes`).
 
 :func:`micro_adam_update_` is the reference (pure PyTorch, vectorised, runnable under
 ``torch.compile``); :func:`micro_adam_update_triton_` has the same signature and result and runs
@@ -43,8 +61,8 @@ functional API over lists of tensors.
 
 Example::
 
-    >>> layout = micro_adam_layout(1000, block_size=256, density=0.02, quant_bucket=64)
-    >>> p, g = torch.randn(1000), torch.randn(1000)
+    >>> layout = micro_adam_layout(16, 1000, block_size=256, density=0.02, quant_bucket=64)
+    >>> p, g = torch.randn(16, 1000), torch.randn(16, 1000)
     >>> state = init_state(p, layout, window=4)
     >>> micro_adam_update_(p, g, *state, 1.0, layout=layout, lr=1e-3, beta1=0.9, beta2=0.999,
     ...                    eps=1e-8, weight_decay=0.0)
@@ -57,73 +75,102 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_lowmem.kernels.dispatch import resolve_update
 
-#: Coordinates per top-k block. Fixed (not derived from the GPU's shared memory as in the official
-#: code) so that a checkpoint means the same on every device. 4096 keeps relative indices well
-#: inside int16 (0..4095), gives k = 41 at 1% (rounding k up keeps 0.1% more), and keeps the
-#: ``window x k`` = 410 entries of one block within one Triton program's reach.
+#: Largest number of coordinates per top-k block. Fixed (not derived from the GPU's shared memory
+#: as in the official code) so that a checkpoint means the same on every device. 4096 keeps
+#: relative indices well inside int16, gives k = 41 at 1%, and keeps the ``window x k`` = 410
+#: entries of one block within one Triton program's reach.
 DEFAULT_BLOCK_SIZE = 4096
-#: Largest block whose relative indices fit ``int16``.
+#: Largest block whose relative indices fit int16 (and the low 16 bits of a window entry).
 MAX_BLOCK_SIZE = 32768
 #: Highest 4-bit code: a bucket's range is cut into 15 steps.
 QUANT_LEVELS = 15
+#: The dtypes of the compressed state, in :func:`init_state`'s order.
+STATE_DTYPES = {"window": torch.int32, "error": torch.uint8, "error_min": torch.bfloat16, "error_max": torch.bfloat16}
+#: Bits of a window entry holding the index (the rest hold the value rounded to bf16).
+_INDEX_MASK = 0xFFFF
+_VALUE_MASK = -65536  # 0xFFFF0000 as an int32
 
 
 class MicroAdamLayout(NamedTuple):
-    """How one flattened tensor is cut into top-k blocks and quantisation buckets.
+    """How a tensor viewed as ``rows x cols`` is cut into top-k blocks and quantisation buckets.
+
+    Every row is cut the same way and nothing crosses a row (see the module docstring), so the
+    layout of a shard of whole rows is the same with fewer ``rows`` (:meth:`with_rows`).
 
     Args:
-        numel: coordinates of the tensor (:math:`d`).
-        block_size: coordinates per top-k block.
-        k: coordinates kept per full block.
-        k_last: coordinates kept in the shorter last block (0 when ``numel % block_size == 0``).
-        quant_bucket: coordinates per min/max bucket of the error feedback.
+        rows: rows (dim 0) of the tensor, or of the shard held here.
+        cols: coordinates per row (the other dims flattened).
+        block_len: coordinates per top-k block; a row's last block holds the rest (``cols % block_len``
+            coordinates when that is not 0).
+        k: coordinates kept per block of ``block_len``.
+        k_last: coordinates kept in the shorter last block of a row (0 when ``cols % block_len == 0``).
+        quant_bucket: coordinates per min/max bucket of a row (its last bucket may be shorter).
     """
 
-    numel: int
-    block_size: int
+    rows: int
+    cols: int
+    block_len: int
     k: int
     k_last: int
     quant_bucket: int
 
     @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
     def full_blocks(self) -> int:
-        """Blocks of exactly ``block_size`` coordinates."""
-        return self.numel // self.block_size
+        """Blocks of exactly ``block_len`` coordinates in one row."""
+        return self.cols // self.block_len
+
+    @property
+    def blocks_per_row(self) -> int:
+        """Blocks of one row, the shorter last one included."""
+        return -(-self.cols // self.block_len)
 
     @property
     def topk_per_row(self) -> int:
-        """Entries of one window row: ``k`` per full block plus ``k_last``."""
+        """Window entries per row and ring slot (``K``): ``k`` per full block plus ``k_last``."""
         return self.full_blocks * self.k + self.k_last
 
     @property
-    def num_blocks(self) -> int:
-        """Blocks, the shorter last one included."""
-        return -(-self.numel // self.block_size)
+    def buckets_per_row(self) -> int:
+        """Quantisation buckets of one row (the last one may be shorter)."""
+        return -(-self.cols // self.quant_bucket)
 
     @property
-    def num_buckets(self) -> int:
-        """Quantisation buckets (the last one may be shorter)."""
-        return -(-self.numel // self.quant_bucket)
+    def packed_per_row(self) -> int:
+        """Bytes of one row's packed 4-bit error: two codes per byte."""
+        return (self.cols + 1) // 2
 
-    @property
-    def packed_numel(self) -> int:
-        """Bytes of the packed 4-bit error: two codes per byte."""
-        return (self.numel + 1) // 2
+    def with_rows(self, rows: int) -> MicroAdamLayout:
+        """The layout of ``rows`` of these rows (a dim-0 shard)."""
+        return self._replace(rows=rows)
+
+    def state_shapes(self, window: int) -> dict[str, tuple[int, ...]]:
+        """Shape of each compressed state tensor (keys as :data:`STATE_DTYPES`); rows are dim 0."""
+        buckets = (self.rows, self.buckets_per_row)
+        return {
+            "window": (self.rows, window, self.topk_per_row),
+            "error": (self.rows, self.packed_per_row),
+            "error_min": buckets,
+            "error_max": buckets,
+        }
 
     def state_bytes(self, window: int) -> int:
-        """Bytes of the compressed state of one tensor (``step`` excluded).
+        """Bytes of the compressed state of the tensor (``step`` excluded).
 
         Example::
 
-            >>> micro_adam_layout(768 * 3072).state_bytes(10) / (768 * 3072)
-            0.962890625
+            >>> micro_adam_layout(768, 3072).state_bytes(10) / (768 * 3072)  # k = 31 of 3072 per row
+            0.966145833...
         """
-        return self.packed_numel + 2 * 2 * self.num_buckets + window * self.topk_per_row * (2 + 2)
+        per_row = self.packed_per_row + 2 * 2 * self.buckets_per_row + window * self.topk_per_row * 4
+        return self.rows * per_row
 
 
 def topk_count(n: int, density: float) -> int:
@@ -159,53 +206,90 @@ def check_micro_adam_hparams(window: int, density: float, block_size: int, quant
 
 
 def micro_adam_layout(
-    numel: int, *, block_size: int = DEFAULT_BLOCK_SIZE, density: float = 0.01, quant_bucket: int = 64
+    rows: int, cols: int, *, block_size: int = DEFAULT_BLOCK_SIZE, density: float = 0.01, quant_bucket: int = 64
 ) -> MicroAdamLayout:
-    """The :class:`MicroAdamLayout` of a tensor of ``numel`` coordinates.
+    """The :class:`MicroAdamLayout` of a ``rows x cols`` tensor: blocks of at most ``block_size``.
+
+    A row is cut into ``ceil(cols / block_size)`` blocks of ``ceil(cols / blocks)`` coordinates, the
+    last one holding the rest.
 
     Example::
 
-        >>> micro_adam_layout(4097)
-        MicroAdamLayout(numel=4097, block_size=4096, k=41, k_last=1, quant_bucket=64)
+        >>> micro_adam_layout(2, 4097)  # two blocks of 2049 and 2048 per row, 21 kept in each
+        MicroAdamLayout(rows=2, cols=4097, block_len=2049, k=21, k_last=21, quant_bucket=64)
+        >>> micro_adam_layout(3, 768)   # one block per row
+        MicroAdamLayout(rows=3, cols=768, block_len=768, k=8, k_last=0, quant_bucket=64)
     """
     check_micro_adam_hparams(1, density, block_size, quant_bucket)
-    if numel < 1:
-        raise ValueError(f"Cannot compress an empty tensor (numel={numel}).")
-    tail = numel % block_size
+    if rows < 0 or cols < 1:
+        raise ValueError(f"Cannot lay out a tensor of {rows} rows of {cols} coordinates (need rows >= 0, cols >= 1).")
+    blocks = -(-cols // block_size)
+    block_len = -(-cols // blocks)
+    tail = cols % block_len
     return MicroAdamLayout(
-        numel=numel,
-        block_size=block_size,
-        k=topk_count(block_size, density),
+        rows=rows,
+        cols=cols,
+        block_len=block_len,
+        k=topk_count(block_len, density),
         k_last=topk_count(tail, density) if tail else 0,
         quant_bucket=quant_bucket,
     )
 
 
-def init_state(param: Tensor, layout: MicroAdamLayout, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Zero state ``(window_indices, window_values, error, error_min, error_max)`` on ``param``'s device.
+def init_state(param: Tensor, layout: MicroAdamLayout, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero state ``(window, error, error_min, error_max)`` on ``param``'s device (:data:`STATE_DTYPES`).
 
-    A zero error (codes 0, min = max = 0) dequantises to exactly 0.
+    An empty window holds only weight-0 slots; a zero error (codes 0, min = max = 0) dequantises
+    to exactly 0.
     """
-    device = param.device
-    return (
-        torch.zeros(window, layout.topk_per_row, dtype=torch.int16, device=device),
-        torch.zeros(window, layout.topk_per_row, dtype=torch.bfloat16, device=device),
-        torch.zeros(layout.packed_numel, dtype=torch.uint8, device=device),
-        torch.zeros(layout.num_buckets, dtype=torch.bfloat16, device=device),
-        torch.zeros(layout.num_buckets, dtype=torch.bfloat16, device=device),
-    )
+    shapes = layout.state_shapes(window)
+    return tuple(torch.zeros(shapes[key], dtype=dtype, device=param.device) for key, dtype in STATE_DTYPES.items())
+
+
+# ---- window entries -------------------------------------------------------------------------------
+
+
+def pack_window_entries(indices: Tensor, values: Tensor) -> Tensor:
+    """int32 window entries: ``values`` rounded to bf16 (as fp32 bits) with ``indices`` in the low 16 bits.
+
+    Example::
+
+        >>> entries = pack_window_entries(torch.tensor([5, 0]), torch.tensor([-1.5, 3.0]))
+        >>> unpack_window_entries(entries)
+        (tensor([5, 0], dtype=torch.int32), tensor([-1.5000,  3.0000]))
+    """
+    return round_to_bf16(values.float()).view(torch.int32) | indices.to(torch.int32)
+
+
+def unpack_window_entries(entries: Tensor) -> tuple[Tensor, Tensor]:
+    """``(indices int32, values fp32)`` of :func:`pack_window_entries`'s output (the values exactly bf16)."""
+    return entries & _INDEX_MASK, (entries & _VALUE_MASK).view(torch.float32)
 
 
 # ---- 4-bit error feedback ------------------------------------------------------------------------
 
 
-def _bucketed(x: Tensor, bucket: int) -> Tensor:
-    """``x`` (1-D) as ``[buckets, bucket]``, the last bucket padded with copies of ``x[-1]`` (a value
-    of that bucket, so its min and max do not change)."""
-    pad = -x.numel() % bucket
-    if pad:
-        x = torch.cat((x, x[-1:].expand(pad)))
-    return x.view(-1, bucket)
+def _row_buckets(x: Tensor, bucket: int) -> list[Tensor]:
+    """``x`` (``rows x cols``) as ``[rows, buckets, bucket]`` of its whole buckets, then ``[rows, 1, rest]``
+    for each row's shorter last bucket if there is one.
+
+    Split rather than padded: Inductor (torch 2.13, CPU) miscompiles padding each row with copies of
+    its last value when the padded tensor is fused with its producer (the padding reads garbage).
+    """
+    rows, cols = x.shape
+    split = cols - cols % bucket
+    parts = []
+    if split:
+        parts.append(x[:, :split].reshape(rows, split // bucket, bucket))
+    if split < cols:
+        parts.append(x[:, split:].unsqueeze(1))
+    return parts
+
+
+def _cat_columns(parts: list[Tensor]) -> Tensor:
+    """``[rows, n_i, m_i]`` parts as one ``[rows, sum(n_i m_i)]`` tensor."""
+    flat = [part.reshape(part.shape[0], -1) for part in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
 
 
 def round_to_bf16(x: Tensor) -> Tensor:
@@ -220,56 +304,70 @@ def round_to_bf16(x: Tensor) -> Tensor:
         tensor([1.0000, 1.0156])
     """
     bits = x.contiguous().view(torch.int32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).view(torch.float32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & _VALUE_MASK).view(torch.float32)
 
 
 def quantize_4bit(x: Tensor, bucket: int) -> tuple[Tensor, Tensor, Tensor]:
-    r"""Per-bucket 4-bit codes of ``x`` (1-D, fp32), packed two per byte, and each bucket's min/max.
+    r"""Per-bucket 4-bit codes of ``x`` (``rows x cols``, fp32), two per byte, and each bucket's min/max.
 
+    Buckets are taken within each row (a row's last bucket may be shorter);
     ``lo, hi = bf16(min_q x), bf16(max_q x)``;
     ``code = clamp(floor((x - lo) / ((hi - lo) / 15) + 1/2), 0, 15)``, 0 where ``hi == lo``.
+    Returns uint8 ``[rows, ceil(cols/2)]`` (an odd row's last byte holds one code) and bf16
+    ``[rows, ceil(cols/bucket)]`` twice.
 
     Example::
 
-        >>> packed, lo, hi = quantize_4bit(torch.tensor([0.0, 1.0, 0.6, 0.2]), bucket=4)
-        >>> packed.tolist(), lo.item(), hi.item()  # codes 0, 15, 9, 3
-        ([240, 57], 0.0, 1.0)
+        >>> packed, lo, hi = quantize_4bit(torch.tensor([[0.0, 1.0, 0.6, 0.2, 0.5]]), bucket=4)
+        >>> packed.tolist(), lo.tolist(), hi.tolist()  # codes 0, 15, 9, 3 | 0 (one-element bucket)
+        ([[240, 57, 0]], [[0.0, 0.5]], [[1.0, 0.5]])
     """
-    numel = x.numel()
-    buckets = _bucketed(x, bucket)
-    lo_f = round_to_bf16(buckets.amin(dim=1, keepdim=True))
-    hi_f = round_to_bf16(buckets.amax(dim=1, keepdim=True))
-    scale = (hi_f - lo_f) / QUANT_LEVELS
-    nonzero = scale > 0
-    q = torch.where(nonzero, (buckets - lo_f) / torch.where(nonzero, scale, 1.0), 0.0)
-    codes = (q + 0.5).clamp(0.0, QUANT_LEVELS + 0.5).to(torch.uint8).view(-1)
-    codes[numel:] = 0  # the padding (an even number of codes: ``bucket`` is even)
-    pairs = codes.view(-1, 2)[: (numel + 1) // 2]
-    return pairs[:, 0] | (pairs[:, 1] << 4), lo_f.view(-1).to(torch.bfloat16), hi_f.view(-1).to(torch.bfloat16)
+    codes, lows, highs = [], [], []
+    for buckets in _row_buckets(x, bucket):
+        lo_f = round_to_bf16(buckets.amin(dim=2, keepdim=True))
+        hi_f = round_to_bf16(buckets.amax(dim=2, keepdim=True))
+        scale = (hi_f - lo_f) / QUANT_LEVELS
+        nonzero = scale > 0
+        q = torch.where(nonzero, (buckets - lo_f) / torch.where(nonzero, scale, 1.0), 0.0)
+        codes.append((q + 0.5).clamp(0.0, QUANT_LEVELS + 0.5).to(torch.uint8))
+        lows.append(lo_f)
+        highs.append(hi_f)
+    code = _cat_columns(codes)
+    cols = code.shape[1]
+    even = cols - cols % 2
+    packed = code[:, 0:even:2] | (code[:, 1:even:2] << 4)
+    if even < cols:  # the row's last code alone in its byte
+        packed = torch.cat((packed, code[:, even:]), dim=1)
+    return packed, _cat_columns(lows).to(torch.bfloat16), _cat_columns(highs).to(torch.bfloat16)
 
 
-def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, numel: int, bucket: int) -> Tensor:
-    r"""The fp32 values of :func:`quantize_4bit`'s output: ``lo + code * (hi - lo) / 15`` per bucket.
+def dequantize_4bit(packed: Tensor, lo: Tensor, hi: Tensor, cols: int, bucket: int) -> Tensor:
+    r"""The fp32 ``rows x cols`` values of :func:`quantize_4bit`'s output: ``lo + code * (hi - lo) / 15``.
 
     Example::
 
-        >>> dequantize_4bit(*quantize_4bit(torch.tensor([0.0, 1.0, 0.6, 0.25]), 4), numel=4, bucket=4)
-        tensor([0.0000, 1.0000, 0.6000, 0.2667])
+        >>> dequantize_4bit(*quantize_4bit(torch.tensor([[0.0, 1.0, 0.6, 0.25]]), 4), cols=4, bucket=4)
+        tensor([[0.0000, 1.0000, 0.6000, 0.2667]])
     """
-    codes = torch.stack((packed & 15, packed >> 4), dim=1).view(-1)
-    codes = F.pad(codes, (0, lo.numel() * bucket - codes.numel())).view(-1, bucket).float()
-    lo_f, hi_f = lo.float().unsqueeze(1), hi.float().unsqueeze(1)
+    rows = packed.shape[0]
+    codes = torch.stack((packed & 15, packed >> 4), dim=2).view(rows, -1)[:, :cols].float()
+    lo_f, hi_f = lo.float().unsqueeze(2), hi.float().unsqueeze(2)
     scale = (hi_f - lo_f) / QUANT_LEVELS
-    return (lo_f + codes * scale).view(-1)[:numel]
+    values, first = [], 0
+    for part in _row_buckets(codes, bucket):
+        n = part.shape[1]
+        values.append(lo_f[:, first : first + n] + part * scale[:, first : first + n])
+        first += n
+    return _cat_columns(values)
 
 
 def dequantize_add(grad: Tensor, error: Tensor, error_min: Tensor, error_max: Tensor, layout: MicroAdamLayout) -> Tensor:
-    """Step 1, ``a = g + deq(e)``: a new fp32 tensor of ``grad``'s (flat) length."""
-    return grad.float() + dequantize_4bit(error, error_min, error_max, layout.numel, layout.quant_bucket)
+    """Step 1, ``a = g + deq(e)``: a new contiguous fp32 ``rows x cols`` tensor (``grad`` is ``rows x cols``)."""
+    return grad.float() + dequantize_4bit(error, error_min, error_max, layout.cols, layout.quant_bucket)
 
 
 def quantize_into_(residual: Tensor, error: Tensor, error_min: Tensor, error_max: Tensor, layout: MicroAdamLayout) -> None:
-    """Step 4: quantise ``residual`` (fp32, flat) into the error-feedback state, in place."""
+    """Step 4: quantise ``residual`` (fp32, ``rows x cols``) into the error-feedback state, in place."""
     packed, lo, hi = quantize_4bit(residual, layout.quant_bucket)
     error.copy_(packed)
     error_min.copy_(lo)
@@ -280,46 +378,48 @@ def quantize_into_(residual: Tensor, error: Tensor, error_min: Tensor, error_max
 
 
 def block_topk(a: Tensor, layout: MicroAdamLayout) -> tuple[Tensor, Tensor]:
-    """Step 2: per block, the ``k`` coordinates of largest ``|a|``: indices relative to the block, values.
+    """Step 2: per block of each row, the ``k`` coordinates of largest ``|a|``: indices relative to the block, values.
 
-    Returns ``(indices int64 [K], values [K])`` with ``K = layout.topk_per_row``; the full blocks
-    come first (``k`` each), then the last block (``k_last``). Two ``topk`` calls, no loop.
+    Returns ``(indices int64 [rows, K], values [rows, K])`` with ``K = layout.topk_per_row``; in a
+    row the full blocks come first (``k`` each), then the last block (``k_last``). Two ``topk``
+    calls, no loop.
 
     Example::
 
-        >>> block_topk(torch.tensor([0.1, -3.0, 2.0, 0.0, 5.0]), micro_adam_layout(5, block_size=4, density=0.25))
-        (tensor([1, 0]), tensor([-3.,  5.]))
+        >>> block_topk(torch.tensor([[0.1, -3.0, 2.0, 0.0, 5.0]]), micro_adam_layout(1, 5, block_size=4, density=0.25))
+        (tensor([[1, 1]]), tensor([[-3.,  5.]]))
     """
-    split = layout.full_blocks * layout.block_size
+    rows = a.shape[0]
+    split = layout.full_blocks * layout.block_len
     indices, values = [], []
     if layout.full_blocks:
-        blocks = a[:split].view(layout.full_blocks, layout.block_size)
-        idx = blocks.abs().topk(layout.k, dim=1, sorted=False).indices
-        indices.append(idx.view(-1))
-        values.append(blocks.gather(1, idx).view(-1))
+        blocks = a[:, :split].reshape(rows, layout.full_blocks, layout.block_len)
+        idx = blocks.abs().topk(layout.k, dim=2, sorted=False).indices
+        indices.append(idx.view(rows, -1))
+        values.append(blocks.gather(2, idx).view(rows, -1))
     if layout.k_last:
-        tail = a[split:]
-        idx = tail.abs().topk(layout.k_last, sorted=False).indices
+        tail = a[:, split:]
+        idx = tail.abs().topk(layout.k_last, dim=1, sorted=False).indices
         indices.append(idx)
-        values.append(tail.gather(0, idx))
+        values.append(tail.gather(1, idx))
     if len(indices) == 1:
         return indices[0], values[0]
-    return torch.cat(indices), torch.cat(values)
+    return torch.cat(indices, dim=1), torch.cat(values, dim=1)
 
 
 def block_offsets(layout: MicroAdamLayout, device: torch.device) -> Tensor:
-    """For each column of a window row, the flat index where its block starts (int64 ``[K]``)."""
+    """For each entry of a window row, the column where its block starts (int64 ``[K]``)."""
     # repeat_interleave, not ``column // k``: Inductor's CPU code for int64 floor division by a
     # constant returns garbage past the first vector (torch 2.13)
     full = torch.arange(layout.full_blocks, device=device).repeat_interleave(layout.k)
     last = torch.full((layout.k_last,), layout.full_blocks, dtype=torch.int64, device=device)
-    return torch.cat((full, last)) * layout.block_size
+    return torch.cat((full, last)) * layout.block_len
 
 
 def window_ages(step: Tensor | float, window: int, device: torch.device) -> Tensor:
-    """Age of each ring row at step ``step`` (0 = written this step), ``window`` for unwritten rows.
+    """Age of each ring slot at step ``step`` (0 = written this step), ``window`` for unwritten slots.
 
-    Step ``t`` (from 1) writes row ``(t - 1) mod window``.
+    Step ``t`` (from 1) writes slot ``(t - 1) mod window``.
 
     Example::
 
@@ -332,7 +432,7 @@ def window_ages(step: Tensor | float, window: int, device: torch.device) -> Tens
 
 
 def window_weights(ages: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
-    r"""``(beta1**age, beta2**age)`` per ring row (fp32), 0 for unwritten rows (age ``window``)."""
+    r"""``(beta1**age, beta2**age)`` per ring slot (fp32), 0 for unwritten slots (age ``window``)."""
     written = ages < ages.numel()
     age = ages.float()
     return torch.where(written, beta1**age, 0.0), torch.where(written, beta2**age, 0.0)
@@ -342,14 +442,13 @@ def bias_factors(step: Tensor | float, beta1: float, beta2: float) -> tuple[Tens
     r""":math:`c_1 = (1-\beta_1)/(1-\beta_1^t)`, :math:`c_2 = (1-\beta_2)/(1-\beta_2^t)`.
 
     They turn the window's exponential sums into AdamW's bias-corrected moments: with the same
-    gradient in every row, :math:`c_1 M = g` and :math:`c_2 S = g^2` for :math:`t \le m`.
+    gradient in every slot, :math:`c_1 M = g` and :math:`c_2 S = g^2` for :math:`t \le m`.
     """
     return (1 - beta1) / (1 - beta1**step), (1 - beta2) / (1 - beta2**step)
 
 
 def window_update(
-    window_indices: Tensor,
-    window_values: Tensor,
+    window: Tensor,
     weights1: Tensor,
     weights2: Tensor,
     c1: Tensor | float,
@@ -357,32 +456,33 @@ def window_update(
     eps: float,
     layout: MicroAdamLayout,
 ) -> Tensor:
-    r"""Step 6: the dense update :math:`u = c_1 M / (\sqrt{c_2 S} + \epsilon)` (fp32, flat).
+    r"""Step 6: the dense update :math:`u = c_1 M / (\sqrt{c_2 S} + \epsilon)` (fp32, ``rows x cols``).
 
-    :math:`M = \sum_r w^{(1)}_r V_r` and :math:`S = \sum_r w^{(2)}_r V_r^2`, each row scattered to
-    its coordinates (rows with weight 0 add nothing); :math:`u = 0` where the denominator is 0.
+    :math:`M = \sum_s w^{(1)}_s V_s` and :math:`S = \sum_s w^{(2)}_s V_s^2` over the ring slots,
+    each scattered to its coordinates within its row (slots with weight 0 add nothing);
+    :math:`u = 0` where the denominator is 0.
 
     Example::
 
-        >>> layout = micro_adam_layout(4, block_size=4, density=0.25)
-        >>> window_update(torch.tensor([[2], [2]], dtype=torch.int16), torch.tensor([[3.0], [3.0]]),
-        ...               torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.5]), 1 / 1.5, 1 / 1.5, 0.0, layout)
-        tensor([0., 0., 1., 0.])
+        >>> layout = micro_adam_layout(1, 4, block_size=4, density=0.25)
+        >>> entries = pack_window_entries(torch.tensor([[[2], [2]]]), torch.tensor([[[3.0], [3.0]]]))
+        >>> window_update(entries, torch.tensor([1.0, 0.5]), torch.tensor([1.0, 0.5]), 1 / 1.5, 1 / 1.5, 0.0, layout)
+        tensor([[0., 0., 1., 0.]])
     """
-    flat = (window_indices.long() + block_offsets(layout, window_indices.device)).view(-1)
-    values = window_values.float()
-    exp_sum = torch.zeros(layout.numel, dtype=torch.float32, device=values.device)
-    exp_sum.index_add_(0, flat, (values * weights1.unsqueeze(1)).view(-1))
-    sq_sum = torch.zeros_like(exp_sum).index_add_(0, flat, (values * values * weights2.unsqueeze(1)).view(-1))
+    rows = window.shape[0]
+    indices, values = unpack_window_entries(window)
+    cols = (indices.long() + block_offsets(layout, window.device)).view(rows, -1)
+    exp_sum = torch.zeros(rows, layout.cols, dtype=torch.float32, device=window.device)
+    exp_sum.scatter_add_(1, cols, (values * weights1.view(1, -1, 1)).view(rows, -1))
+    sq_sum = torch.zeros_like(exp_sum).scatter_add_(1, cols, (values * values * weights2.view(1, -1, 1)).view(rows, -1))
     denom = (sq_sum * c2).sqrt() + eps
     nonzero = denom > 0
     return torch.where(nonzero, (exp_sum * c1) / torch.where(nonzero, denom, 1.0), 0.0)
 
 
 def apply_window_update_(
-    param_flat: Tensor,
-    window_indices: Tensor,
-    window_values: Tensor,
+    param_rows: Tensor,
+    window: Tensor,
     ages: Tensor,
     weights1: Tensor,
     weights2: Tensor,
@@ -392,12 +492,12 @@ def apply_window_update_(
     lr: Tensor | float,
     layout: MicroAdamLayout,
 ) -> None:
-    """Steps 6-7: ``param_flat -= lr * u`` in fp32, rounded once to the parameter's dtype.
+    """Steps 6-7: ``param_rows -= lr * u`` (``rows x cols``) in fp32, rounded once to the parameter's dtype.
 
-    ``ages`` is unused here (the weights already zero unwritten rows); the Triton twin needs it.
+    ``ages`` is unused here (the weights already zero unwritten slots); the Triton twin needs it.
     """
-    update = window_update(window_indices, window_values, weights1, weights2, c1, c2, eps, layout)
-    param_flat.sub_(update.mul_(lr))
+    update = window_update(window, weights1, weights2, c1, c2, eps, layout)
+    param_rows.sub_(update.mul_(lr))
 
 
 # ---- the update ----------------------------------------------------------------------------------
@@ -418,8 +518,7 @@ def _update(
     parts: _HotParts,
     param: Tensor,
     grad: Tensor,
-    window_indices: Tensor,
-    window_values: Tensor,
+    window: Tensor,
     error: Tensor,
     error_min: Tensor,
     error_max: Tensor,
@@ -432,42 +531,40 @@ def _update(
     weight_decay: float,
     maximize: bool,
 ) -> None:
+    if layout.rows == 0:  # a shard without rows (more ranks than rows)
+        return
     device = param.device
-    window = window_indices.shape[0]
-    g = grad.reshape(-1)
+    rows, cols = layout.rows, layout.cols
+    g = grad.reshape(rows, cols)
     if maximize:
         g = -g
     a = parts.dequantize_add(g, error, error_min, error_max, layout)  # 1.
     rel, values = block_topk(a, layout)  # 2.
-    ages = window_ages(step, window, device)
-    row = _newest_row(step, window, device)
-    window_indices.index_copy_(0, row, rel.to(torch.int16).unsqueeze(0))
-    window_values.index_copy_(0, row, round_to_bf16(values).to(torch.bfloat16).unsqueeze(0))
-    a.index_fill_(0, rel + block_offsets(layout, device), 0.0)  # 3.
+    ages = window_ages(step, window.shape[1], device)
+    slot = _newest_slot(step, window.shape[1], device)
+    window.index_copy_(1, slot, pack_window_entries(rel, values).unsqueeze(1))
+    a.scatter_(1, rel + block_offsets(layout, device), 0.0)  # 3.
     parts.quantize_into_(a, error, error_min, error_max, layout)  # 4.
 
-    flat = param.view(-1) if param.is_contiguous() else param.reshape(-1).clone()
+    param_rows = param.view(rows, cols) if param.is_contiguous() else param.reshape(rows, cols).clone()
     if weight_decay != 0:  # 5.
-        flat.mul_(1 - lr * weight_decay)
+        param_rows.mul_(1 - lr * weight_decay)
     weights1, weights2 = window_weights(ages, beta1, beta2)
     c1, c2 = bias_factors(step, beta1, beta2)
-    parts.apply_window_update_(  # 6.-7.
-        flat, window_indices, window_values, ages, weights1, weights2, c1, c2, eps, lr, layout
-    )
+    parts.apply_window_update_(param_rows, window, ages, weights1, weights2, c1, c2, eps, lr, layout)  # 6.-7.
     if not param.is_contiguous():
-        param.copy_(flat.view_as(param))
+        param.copy_(param_rows.view_as(param))
 
 
-def _newest_row(step: Tensor | float, window: int, device: torch.device) -> Tensor:
-    """The ring row step ``step`` writes, ``(step - 1) mod window``, as a 1-element int64 tensor."""
+def _newest_slot(step: Tensor | float, window: int, device: torch.device) -> Tensor:
+    """The ring slot step ``step`` writes, ``(step - 1) mod window``, as a 1-element int64 tensor."""
     return ((torch.as_tensor(step, device=device).to(torch.int64) - 1) % window).view(1)
 
 
 def micro_adam_update_(
     param: Tensor,
     grad: Tensor,
-    window_indices: Tensor,
-    window_values: Tensor,
+    window: Tensor,
     error: Tensor,
     error_min: Tensor,
     error_max: Tensor,
@@ -483,20 +580,21 @@ def micro_adam_update_(
 ) -> None:
     """One in-place MicroAdam step of one tensor, pure PyTorch (``step`` already counts this step).
 
-    ``window_indices`` (int16 ``[m, K]``), ``window_values`` (bf16 ``[m, K]``), ``error`` (uint8
-    ``[ceil(d/2)]``), ``error_min``/``error_max`` (bf16 ``[buckets]``) are updated in place, as is
-    ``param`` (fp32 or bf16; the update is computed in fp32). ``lr`` and ``step`` may be Python
-    numbers or 0-dim tensors (the compiled path passes tensors so nothing recompiles).
+    ``param`` (fp32 or bf16; the update is computed in fp32) and ``grad`` hold ``layout.rows``
+    rows of ``layout.cols`` coordinates (any shape with that many elements, rows first). The
+    state (:func:`init_state`: ``window`` int32 ``[rows, m, K]``, ``error`` uint8
+    ``[rows, ceil(cols/2)]``, ``error_min``/``error_max`` bf16 ``[rows, buckets]``) is updated in
+    place, as is ``param``. ``lr`` and ``step`` may be Python numbers or 0-dim tensors (the
+    compiled path passes tensors so nothing recompiles).
     """
-    _update(_TORCH_PARTS, param, grad, window_indices, window_values, error, error_min, error_max, step,
+    _update(_TORCH_PARTS, param, grad, window, error, error_min, error_max, step,
             layout, lr, beta1, beta2, eps, weight_decay, maximize)
 
 
 def micro_adam_update_triton_(
     param: Tensor,
     grad: Tensor,
-    window_indices: Tensor,
-    window_values: Tensor,
+    window: Tensor,
     error: Tensor,
     error_min: Tensor,
     error_max: Tensor,
@@ -518,15 +616,14 @@ def micro_adam_update_triton_(
     from lightning_lowmem.kernels import micro_adam_triton as kernels
 
     parts = _HotParts(kernels.dequantize_add, kernels.quantize_into_, kernels.apply_window_update_)
-    _update(parts, param, grad, window_indices, window_values, error, error_min, error_max, step,
+    _update(parts, param, grad, window, error, error_min, error_max, step,
             layout, lr, beta1, beta2, eps, weight_decay, maximize)
 
 
 def micro_adam(
     params: list[Tensor],
     grads: list[Tensor],
-    window_indices: list[Tensor],
-    window_values: list[Tensor],
+    windows: list[Tensor],
     errors: list[Tensor],
     error_mins: list[Tensor],
     error_maxs: list[Tensor],
@@ -541,19 +638,22 @@ def micro_adam(
     maximize: bool = False,
     backend: str = "torch",
 ) -> None:
-    """Functional API: one MicroAdam step over lists of tensors (increments ``state_steps``).
+    """Functional API: one MicroAdam step over lists of (local) tensors (increments ``state_steps``).
 
     Args:
+        layouts: per tensor, the layout of the rows given (a shard's rows under FSDP2).
         backend: ``"torch"`` (eager reference), ``"compile"`` (``torch.compile`` of it),
             ``"triton"`` (the kernels) or ``"auto"`` (Triton for CUDA tensors when it imports,
             else compile where supported, else eager); see :mod:`lightning_lowmem.kernels.dispatch`.
     """
     for i, param in enumerate(params):
+        step = state_steps[i]
+        step += 1
+        if layouts[i].rows == 0:
+            continue
         update, wants_tensors = resolve_update(
             micro_adam_update_, backend, triton=micro_adam_update_triton_, device=param.device
         )
-        step = state_steps[i]
-        step += 1
         if wants_tensors:
             lr_arg: Tensor | float = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=torch.float64)
             step_arg: Tensor | float = step
@@ -563,8 +663,7 @@ def micro_adam(
         update(
             param,
             grads[i],
-            window_indices[i],
-            window_values[i],
+            windows[i],
             errors[i],
             error_mins[i],
             error_maxs[i],

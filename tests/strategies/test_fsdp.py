@@ -15,8 +15,8 @@ import torch
 from _launch import launch  # pytest puts this folder on sys.path (tests/ is not a package)
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve")
-RESUMED = OPTIMIZERS[:2]  # the worker resumes the first two
+OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam")
+RESUMED = ("adamw", "adam_mini", "micro_adam")  # the worker resumes these (its RESUMED)
 TIMEOUT = 180
 
 
@@ -142,6 +142,9 @@ def test_full_checkpoint_has_lightning_format_and_global_state_shapes(runs, opti
     (optim_state,) = ckpt["optimizer_states"]
     ids = [i for group in optim_state["param_groups"] for i in group["params"]]
     assert all(isinstance(i, int) for i in ids)  # keyed like a plain optimizer.state_dict()
+    if optimizer == "micro_adam":
+        _check_micro_adam_state(model, optim_state, ids)
+        return
     plan = build_plan(model, optimizer) if optimizer != "adamw" else None
     # the optimizer's groups follow the model's parameters (AdamW) or the plan's decay groups (AdamMini)
     named = dict(model.named_parameters())
@@ -152,6 +155,27 @@ def test_full_checkpoint_has_lightning_format_and_global_state_shapes(runs, opti
         assert state["exp_avg"].shape == named[name].shape, name
         expected = named[name].shape if plan is None else plan[name].state_shape()
         assert tuple(state["exp_avg_sq"].shape) == tuple(expected), name
+
+
+def _check_micro_adam_state(model, optim_state, ids) -> None:
+    """Compressed state with the global row-aligned shapes and dtypes of one process; AdamW state for 1-D."""
+    from _dist_worker import make_optimizer
+
+    reference = make_optimizer(model, "micro_adam")
+    named = dict(model.named_parameters())
+    dtypes = {"window": torch.int32, "error": torch.uint8, "error_min": torch.bfloat16, "error_max": torch.bfloat16}
+    compressed = set(reference.compressed_names())
+    assert compressed == {n for n, p in named.items() if p.dim() == 2}
+    names = [n for group in optim_state["param_groups"] for n in group["param_names"]]
+    assert len(names) == len(ids) == len(named)
+    for i, name in zip(ids, names):
+        state, param = optim_state["state"][i], named[name]
+        if name not in compressed:
+            assert {k: v.shape for k, v in state.items() if k != "step"} == {"exp_avg": param.shape, "exp_avg_sq": param.shape}
+            continue
+        shapes = reference.layout_of(param, reference.param_groups[0]).state_shapes(window=3)
+        assert {k: tuple(v.shape) for k, v in state.items() if k != "step"} == shapes, name
+        assert {k: v.dtype for k, v in state.items() if k != "step"} == dtypes, name
 
 
 def test_distributed_checkpoint_is_a_directory_of_shards(runs):
