@@ -1,0 +1,113 @@
+"""What the ``lowmem`` callbacks share: the logger check, where values go, and the custom-scalars layout.
+
+Scalars go to every logger of the ``Trainer`` (``logger.log_metrics``, which writes on rank zero);
+text, histograms and the custom-scalars layout go to the first ``TensorBoardLogger``. Every tag
+starts with :data:`PREFIX`. None of these helpers runs a collective, and none is ``rank_zero_only``:
+the callbacks' hooks run on every rank because their measurements do run collectives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+#: Every tag the callbacks write starts with this.
+PREFIX = "lowmem"
+
+#: A custom-scalars layout: ``category -> {chart title: [chart type, [tag regexes or tags]]}``.
+Layout = dict[str, dict[str, list[Any]]]
+
+
+class LowMemCallback(Callback):
+    """Base of the ``lowmem`` callbacks: refuses a ``Trainer`` without a logger, writes the layout once.
+
+    Subclasses describe their TensorBoard charts in :meth:`charts`; the first ``lowmem`` callback to
+    reach ``on_train_start`` writes one custom-scalars layout with the charts of all of them.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                f"Cannot use `{type(self).__name__}` callback with `Trainer` that has no logger. "
+                "Pass Trainer(logger=TensorBoardLogger(...)) (or leave the default logger on)."
+            )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        write_layout(trainer)
+
+    def charts(self, trainer: pl.Trainer) -> Layout:
+        """This callback's part of the custom-scalars layout."""
+        return {}
+
+
+def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the trainer's first ``TensorBoardLogger`` (a no-op stand-in off rank zero)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send ``metrics`` to every logger at ``step``."""
+    metrics = {k: float(v) for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
+    """Write ``text`` (markdown) as a TensorBoard text summary."""
+    writer = _writer_or_warn(trainer, "text")
+    if writer is not None:
+        writer.add_text(tag, text, global_step=step)
+
+
+def log_histogram(trainer: pl.Trainer, tag: str, values: torch.Tensor, step: int) -> None:
+    """Write a TensorBoard histogram of ``values`` (nothing for an empty tensor)."""
+    if values.numel() == 0 or not trainer.is_global_zero:
+        return
+    writer = _writer_or_warn(trainer, "histograms")
+    if writer is not None:
+        writer.add_histogram(tag, values.detach().to(torch.float64).cpu(), global_step=step)
+
+
+def write_layout(trainer: pl.Trainer) -> None:
+    """Write the custom-scalars layout of every ``lowmem`` callback of ``trainer``, once per writer."""
+    writer = tensorboard_writer(trainer)
+    if writer is None or not trainer.is_global_zero or getattr(writer, "_lowmem_layout_written", False):
+        return
+    layout: Layout = {}
+    for callback in trainer.callbacks:
+        if isinstance(callback, LowMemCallback):
+            for category, charts in callback.charts(trainer).items():
+                layout.setdefault(category, {}).update(charts)
+    if layout:
+        writer.add_custom_scalars(layout)
+        writer._lowmem_layout_written = True
+
+
+_warned: set[tuple[int, str]] = set()
+
+
+def _writer_or_warn(trainer: pl.Trainer, what: str) -> Any | None:
+    writer = tensorboard_writer(trainer)
+    if writer is None and (id(trainer), what) not in _warned:
+        _warned.add((id(trainer), what))
+        names = ", ".join(type(logger).__name__ for logger in trainer.loggers)
+        rank_zero_warn(f"The lowmem callbacks write {what} to TensorBoard only; this Trainer's loggers are {names}.")
+    return writer
+
+
+def check_positive_int(name: str, value: object) -> None:
+    """Raise a ValueError unless ``value`` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
