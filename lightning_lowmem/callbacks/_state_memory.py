@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from lightning_lowmem.callbacks._kinds import kinds_present, param_kinds
 from lightning_lowmem.callbacks._reduce import gather_over_group, is_sharded
 from lightning_lowmem.partition import ADAMW_STATE_BYTES_PER_PARAM
-from lightning_lowmem.utils import tensors_bytes
+from lightning_lowmem.utils import state_tensors, tensors_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ def measure_state_memory(
                 seen.add(id(p))
                 kind = kinds[p]
                 params_by_kind[kind] += p.numel()  # a DTensor's numel is global
-                for tensor in _tensors_in(optimizer.state.get(p, {})):
+                for tensor in state_tensors(optimizer.state.get(p, {})):
                     (sharded if is_sharded(tensor) else replicated)[kind].append(tensor)
     local = [tensors_bytes(sharded[k]) for k in order] + [tensors_bytes(replicated[k]) for k in order] + [peak_memory]
     per_rank = gather_over_group(torch.tensor(local, dtype=torch.int64)).tolist()
@@ -155,15 +155,3 @@ def peak_memory_bytes(device: torch.device) -> int:
     # ru_maxrss is in KiB on Linux, in bytes on macOS.
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss if sys.platform == "darwin" else maxrss * 1024)
-
-
-def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    # lightning_lowmem.utils.memory walks state the same way but keeps that walker private.
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from _tensors_in(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors_in(value)

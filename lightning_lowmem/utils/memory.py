@@ -14,7 +14,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ def optimizer_state_bytes(optimizer: Optimizer) -> int:
     Tensors nested in lists, tuples and dicts of a parameter's state are included; Python numbers
     are not. Meta tensors count ``numel * element_size`` each (they share no real memory).
     """
-    return tensors_bytes(_tensors_in(list(optimizer.state.values())))
+    return tensors_bytes(state_tensors(list(optimizer.state.values())))
 
 
 def optimizer_param_count(optimizer: Optimizer) -> int:
@@ -77,16 +77,16 @@ def _union_length(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in ``obj``, descending into dicts, lists and tuples."""
+def state_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in ``obj`` (an optimizer's per-parameter state), descending into mappings, lists and tuples."""
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif isinstance(obj, dict):
+    elif isinstance(obj, Mapping):
         for value in obj.values():
-            yield from _tensors_in(value)
+            yield from state_tensors(value)
     elif isinstance(obj, (list, tuple)):
         for value in obj:
-            yield from _tensors_in(value)
+            yield from state_tensors(value)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
