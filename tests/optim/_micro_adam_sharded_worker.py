@@ -19,13 +19,9 @@ biases, norm   1-D          split elementwise  AdamW state
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -35,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor, init_device_mesh
 
+from _gloo import collectives_in, finish, init, spawn
 from lightning_lowmem.optim import MicroAdam
 
 WORLD = 2
@@ -83,9 +80,7 @@ def collectives_in_step(opt: MicroAdam, model: nn.Module) -> int:
     opt.zero_grad()
     out, aux = model(xs[0, :4])
     (nn.functional.mse_loss(out, ys[0, :4]) + nn.functional.mse_loss(aux, zs[0, :4])).backward()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        opt.step()
-    return sum(1 for e in prof.events() if e.name.startswith("c10d::"))
+    return collectives_in(opt.step)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -97,7 +92,7 @@ def fraction_equal(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def worker(rank: int, out: str, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    init(rank, init_file, WORLD)
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (WORLD,))
     results: dict = {}
@@ -169,16 +164,8 @@ def worker(rank: int, out: str, init_file: str) -> None:
     else:
         results["column_sharded_error"] = None
 
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(rank, out, results)
 
 
 if __name__ == "__main__":
-    out_path = sys.argv[1]
-    init = out_path + ".init"
-    if os.path.exists(init):
-        os.remove(init)
-    mp.spawn(worker, args=(out_path, init), nprocs=WORLD, join=True)
+    spawn(worker, sys.argv[1], WORLD)

@@ -5,17 +5,14 @@ Run as ``python _sharded_worker.py OUT_JSON``; writes the results to OUT_JSON (r
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
+from _gloo import collectives_in, finish, init, spawn
 from lightning_lowmem.optim import BlockAdam
 from lightning_lowmem.partition import BlockPlan, BlockSpec, ParamBlocks
 
@@ -86,14 +83,11 @@ def count_collectives(opt: BlockAdam, model: nn.Module) -> int:
     xs, ys = data()
     opt.zero_grad()
     nn.functional.mse_loss(model(xs[0, :4]), ys[0, :4]).backward()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        opt.step()
-    names = [e.name for e in prof.events()]
-    return sum(1 for n in names if n.startswith("c10d::"))  # one per collective call (gloo's work has its own event)
+    return collectives_in(opt.step)
 
 
 def worker(rank: int, out: str, init_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    init(rank, init_file, WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
     for paper in (False, True):
@@ -121,16 +115,8 @@ def worker(rank: int, out: str, init_file: str) -> None:
             "all_dtensor": all_dtensor,
             "collectives_per_step": count_collectives(opt, sharded),
         }
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(rank, out, results)
 
 
 if __name__ == "__main__":
-    out_path = sys.argv[1]
-    init = out_path + ".init"
-    if os.path.exists(init):
-        os.remove(init)
-    mp.spawn(worker, args=(out_path, init), nprocs=WORLD, join=True)
+    spawn(worker, sys.argv[1], WORLD)
