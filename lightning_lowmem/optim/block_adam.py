@@ -49,7 +49,8 @@ class BlockAdam(LowMemOptimizer):
         no_decay: roles put in a group with ``weight_decay=0`` when the groups are built here
             (``()`` decays everything).
         maximize: maximize the objective instead of minimizing it.
-        backend: ``"auto"``, ``"torch"`` or ``"compile"`` (see :mod:`lightning_lowmem.kernels.dispatch`).
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``
+            (see :mod:`lightning_lowmem.kernels.dispatch`).
 
     Raises:
         ValueError: for a hyperparameter out of range, a parameter without a name or missing from

@@ -343,7 +343,7 @@ class MicroAdam(LowMemOptimizer):
                     *dense.values(),
                     [RowLayout(elementwise=True)] * len(dense["params"]),
                     **{**hparams, "lr": _as_float(group["lr"])},
-                    backend="auto" if self.backend == "triton" else self.backend,
+                    backend=self.backend,
                 )
         return loss
 
