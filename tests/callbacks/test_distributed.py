@@ -3,64 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from _cb_helpers import Events, TinyGPT
+from _launch import launch
 
 from lightning_lowmem.callbacks import measure_state_memory
 
 WORKER = Path(__file__).with_name("_cb_dist_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
 
 
-def launch(out: Path, nprocs: int = 2) -> list[dict[str, Any]]:
-    """Start ``nprocs`` workers as a cluster launcher would; kill all of them on failure or timeout."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "WORLD_SIZE": str(nprocs), "NODE_RANK": "0"}
-    logs = [open(out / f"rank{r}.log", "w+") for r in range(nprocs)]
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(out)], env={**env, "LOCAL_RANK": str(r)}, stdout=logs[r],
-                         stderr=subprocess.STDOUT, cwd=REPO)
-        for r in range(nprocs)
-    ]
-    start, failed = time.monotonic(), None
-    while failed is None and any(p.poll() is None for p in procs):
-        bad = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-        if bad:
-            failed = f"rank {bad[0]} exited with {procs[bad[0]].returncode}"
-        elif time.monotonic() - start > TIMEOUT:
-            failed = f"timed out after {TIMEOUT:.0f} s"
-        time.sleep(0.2)
-    failed = failed or next((f"rank {r} exited with {p.returncode}" for r, p in enumerate(procs) if p.returncode), None)
-    for p in procs:  # a rank whose peer failed waits in a collective: end it
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    if failed:
-        tails = []
-        for r, log in enumerate(logs):
-            log.seek(0)
-            tails.append(f"---- rank {r} ----\n{log.read()[-5000:]}")
-        pytest.fail(f"{failed}\n" + "\n".join(tails))
+def run_workers(out: Path, nprocs: int = 2) -> list[dict[str, Any]]:
+    """Run the worker on ``nprocs`` processes (all killed on failure or timeout); each rank's facts."""
+    launch(WORKER, [str(out)], nprocs, TIMEOUT)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nprocs)]
 
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     out = tmp_path_factory.mktemp("dist")
-    return out, launch(out)
+    return out, run_workers(out)
 
 
 def test_a_spike_on_one_rank_is_skipped_on_both(facts: tuple[Path, list[dict[str, Any]]]) -> None:

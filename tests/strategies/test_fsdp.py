@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _launch import launch  # pytest puts this folder on sys.path (tests/ is not a package)
+from _launch import launch  # tests/_launch.py: tests/ is on sys.path through its conftest.py
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam")
