@@ -49,7 +49,7 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[nn.Module
         "AdamW fused": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)),
         "AdamW foreach": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)),
     }
-    for backend in ("torch", "compile"):
+    for backend in ("torch", "compile", "native"):
         out[f"AdamMini {backend}"] = ("block", lambda m, b=backend: AdamMini(m, lr=1e-4, backend=b))
         out[f"Eve {backend}"] = ("block", lambda m, b=backend: Eve(m, lr=1e-4, backend=b))
     try:

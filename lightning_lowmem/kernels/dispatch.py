@@ -11,8 +11,13 @@ Every update exists once as a pure PyTorch function (the reference). A backend d
 * ``"triton"``: the update's Triton twin (same signature, same result), for updates that have
   one (MicroAdam). It needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
   the kernels are first imported (slow: for tests). Triton is imported only when this is chosen;
+* ``"native"``: for AdamMini/Eve on CPUs, the package's C kernel for fp32 row blocks (one pass
+  over memory; built with the system C compiler on first use, see
+  :mod:`lightning_lowmem.kernels.native`), ``"compile"`` for the other tensors and updates. Where
+  the kernel cannot be built, ``"compile"`` runs instead, after ONE warning;
 * ``"auto"``: ``"triton"`` for CUDA tensors when the update has a Triton twin and ``triton``
-  imports; otherwise ``"compile"`` where it is supported, else ``"torch"``.
+  imports; on CPUs ``"native"`` where the C kernel builds; otherwise ``"compile"`` where it is
+  supported, else ``"torch"``.
 
 Example::
 
@@ -33,7 +38,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "compile", "triton")
+BACKENDS = ("auto", "torch", "compile", "triton", "native")
 
 #: Compiled graphs per update function (one per distinct parameter shape and layout) before dynamo
 #: stops recompiling and runs eagerly.
@@ -79,9 +84,36 @@ def resolve_update(
         return triton, False
     if backend == "auto" and triton is not None and device is not None and device.type == "cuda" and triton_available():
         return triton, False
-    if backend == "torch" or (backend == "auto" and not _compile_supported()):
+    if backend == "torch" or (backend in ("auto", "native") and not _compile_supported()):
         return fn, False
     return _compiled(fn), True
+
+
+def rows_kernel_wanted(backend: str, device: torch.device) -> bool:
+    """Whether AdamMini/Eve row blocks on ``device`` take the C kernel under ``backend``.
+
+    ``"native"`` warns once where the kernel cannot be built (no C compiler), ``"auto"`` says so
+    in the log only; both then run ``"compile"``.
+    """
+    if backend not in ("auto", "native") or device.type != "cpu":
+        return False
+    from lightning_lowmem.kernels.block_adam_cpu import rows_kernel_available
+
+    if rows_kernel_available():
+        return True
+    if backend == "native":
+        _warn_once(
+            "The C kernel for AdamMini/Eve rows cannot be built here (no working C compiler: set $CC); "
+            "running backend='compile' instead. Pass backend='compile' to silence this."
+        )
+    else:
+        log.info("The C kernel for AdamMini/Eve rows cannot be built here; backend='auto' uses torch.compile.")
+    return False
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @functools.cache

@@ -29,12 +29,13 @@ Example::
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lightning_lowmem.kernels.dispatch import resolve_update
+from lightning_lowmem.kernels.block_adam_cpu import block_adam_rows_, rows_kernel_supports
+from lightning_lowmem.kernels.dispatch import resolve_update, rows_kernel_wanted
 
 
 class RowLayout(NamedTuple):
@@ -138,8 +139,8 @@ def block_adam_update_(
         if mean_sq is None:
             mean_sq = block_mean_sq(g, layout)
         denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps)
-        p_rows = as_rows(p, layout.transposed)
-        p_rows.add_(as_rows(m, layout.transposed) / denom.unsqueeze(1) * -step_size)
+        row_scale = (-step_size / denom).unsqueeze(1)  # one division per row, not per entry
+        as_rows(p, layout.transposed).add_(as_rows(m, layout.transposed) * row_scale)
 
     if p is not param:
         param.copy_(p)
@@ -200,6 +201,35 @@ def block_adam_update_triton_(
     kernels.adam_rows_(p, g, m, None, denom=denom.contiguous(), cols=float(p.shape[1]), **scalars)
 
 
+def block_adam_multi_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    layouts: list[RowLayout],
+    mean_sqs: list[Tensor | None],
+    **hparams: Any,
+) -> None:
+    """:func:`block_adam_update_` over lists of tensors: under ``torch.compile``, one graph (and
+    one call) for a list of like tensors instead of one per tensor."""
+    for param, grad, exp_avg, exp_avg_sq, layout, mean_sq in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs):
+        block_adam_update_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **hparams)
+
+
+def block_adam_multi_update_triton_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    layouts: list[RowLayout],
+    mean_sqs: list[Tensor | None],
+    **hparams: Any,
+) -> None:
+    """:func:`block_adam_multi_update_` with :func:`block_adam_update_triton_` for each tensor."""
+    for param, grad, exp_avg, exp_avg_sq, layout, mean_sq in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs):
+        block_adam_update_triton_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **hparams)
+
+
 def block_adam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -221,42 +251,92 @@ def block_adam(
 
     Args:
         backend: ``"torch"`` (eager reference), ``"compile"`` (``torch.compile`` of the same
-            update; falls back to eager with one warning where compilation fails), ``"triton"``
-            (:func:`block_adam_update_triton_`) or ``"auto"`` (see :mod:`lightning_lowmem.kernels.dispatch`).
+            update, one graph per list of like tensors; falls back to eager with one warning where
+            compilation fails), ``"triton"`` (:func:`block_adam_update_triton_`), ``"native"``
+            (fp32 row blocks on CPUs take the C kernel of
+            :mod:`lightning_lowmem.kernels.block_adam_cpu`, the other tensors ``"compile"``) or
+            ``"auto"`` (see :mod:`lightning_lowmem.kernels.dispatch`).
         mean_sqs: per tensor, an already reduced block mean of ``g**2`` or ``None``.
     """
-    device = params[0].device if params else None
-    update, wants_tensors = resolve_update(block_adam_update_, backend, triton=block_adam_update_triton_, device=device)
-    # the compiled path takes the scalars as 0-dim tensors in the state's dtype (as eager ops cast
-    # Python scalars), so that a new step or learning rate does not recompile
-    scalars: dict[tuple[float, torch.dtype], tuple[Tensor | float, ...]] = {}  # parameters usually share a step
-    for i, (param, grad, exp_avg, exp_avg_sq, step) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, state_steps)):
-        step += 1
-        key = (step.item(), exp_avg_sq.dtype)
-        if key not in scalars:
-            values = (lr, *adam_step_scalars(key[0], lr, beta1, beta2))
-            scalars[key] = tuple(torch.tensor(x, dtype=key[1]) for x in values) if wants_tensors else values
-        lr_arg, step_size, bias_correction2_sqrt = scalars[key]
+    if not params:
+        return
+    if mean_sqs is None:
+        mean_sqs = [None] * len(params)
+    torch._foreach_add_(state_steps, 1)
+    # tensors usually share a step; those that do share the step's scalars
+    by_step: dict[tuple[float, torch.dtype], list[int]] = {}
+    for i, step in enumerate(torch.stack(state_steps).tolist()):
+        by_step.setdefault((step, exp_avg_sqs[i].dtype), []).append(i)
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs)
+    native = rows_kernel_wanted(backend, params[0].device)
+    update, wants_tensors = resolve_update(
+        block_adam_multi_update_, backend, triton=block_adam_multi_update_triton_, device=params[0].device
+    )
+    for (step, dtype), indices in by_step.items():
+        step_size, bias_correction2_sqrt = adam_step_scalars(step, lr, beta1, beta2)
+        hparams = dict(lr=lr, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        if native:
+            indices = _update_rows_natively([[x[i] for i in indices] for x in tensors], indices, **hparams)
+        if not wants_tensors:
+            update(*([x[i] for i in indices] for x in tensors), **hparams)
+            continue
+        # the compiled path takes the scalars as 0-dim tensors in the state's dtype (as eager ops
+        # cast Python scalars), so that a new step or learning rate does not recompile, and 2-D row
+        # views, so that one graph serves a kind of update whatever the parameters' ranks
+        for name in ("lr", "step_size", "bias_correction2_sqrt"):
+            hparams[name] = torch.tensor(hparams[name], dtype=dtype)
+        for group in _like_tensors(indices, params, layouts, mean_sqs):
+            update(*_row_views([[x[i] for i in group] for x in tensors]), **hparams)
+
+
+def _like_tensors(indices: list[int], params: list[Tensor], layouts: list[RowLayout], mean_sqs: list[Tensor | None]) -> list[list[int]]:
+    """``indices`` grouped by what a compiled graph specializes on (shape, dtype, kind of layout)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
         layout = layouts[i]
-        if wants_tensors:
-            # one compiled graph per kind of update: 2-D row views, whatever the parameter's rank
-            param, grad, exp_avg = (as_rows(x, layout.transposed) for x in (param, grad, exp_avg))
-            if layout.elementwise:
-                exp_avg_sq = as_rows(exp_avg_sq, layout.transposed)
-            layout = layout._replace(transposed=False)
-        update(
-            param,
-            grad,
-            exp_avg,
-            exp_avg_sq,
-            layout=layout,
-            lr=lr_arg,
-            step_size=step_size,
-            bias_correction2_sqrt=bias_correction2_sqrt,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            maximize=maximize,
-            mean_sq=None if mean_sqs is None else mean_sqs[i],
-        )
+        numel = layout.group_numel if isinstance(layout.group_numel, float) else None
+        key = (params[i].shape, params[i].dtype, layout.transposed, layout.elementwise,
+               layout.group_index is None, numel, mean_sqs[i] is None)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def _row_views(tensors: list[list[Any]]) -> list[list[Any]]:
+    """``params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs`` as 2-D row views, untransposed layouts."""
+    params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs = tensors
+    rows = [[as_rows(x, layout.transposed) for x in group] for group, layout in zip(zip(params, grads, exp_avgs), layouts)]
+    exp_avg_sqs = [as_rows(v, layout.transposed) if layout.elementwise else v for v, layout in zip(exp_avg_sqs, layouts)]
+    layouts = [layout._replace(transposed=False) for layout in layouts]
+    return [[r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], exp_avg_sqs, layouts, mean_sqs]
+
+
+def _update_rows_natively(tensors: list[list[Any]], indices: list[int], *, lr: float, step_size: float,
+                          bias_correction2_sqrt: float, beta1: float, beta2: float, eps: float,
+                          weight_decay: float, maximize: bool) -> list[int]:
+    """Update the tensors the C row kernel takes; return the ``indices`` of the others.
+
+    Rows that are blocks take the kernel's one pass; other blocks (heads, fused segments, block
+    means reduced across ranks) update their second moments here and pass each row's denominator.
+    """
+    rest, taken = [], []
+    for k, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq) in enumerate(zip(*tensors)):
+        if layout.elementwise or layout.transposed:
+            rest.append(indices[k])
+            continue
+        p, g, m = (as_rows(x) for x in (param, grad, exp_avg))
+        if not rows_kernel_supports(p, g, m, exp_avg_sq):
+            rest.append(indices[k])
+            continue
+        if layout.group_index is None and mean_sq is None:
+            taken.append((p, g, m, exp_avg_sq, None, float(layout.group_numel)))
+            continue
+        if mean_sq is None:
+            mean_sq = block_mean_sq(grad, layout)
+        denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps).contiguous()
+        taken.append((p, g, m, exp_avg_sq, denom, 1.0))
+    if taken:
+        block_adam_rows_(*map(list, zip(*taken)), decay=1 - lr * weight_decay, step_size=step_size,
+                         bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2, eps=eps,
+                         maximize=maximize)
+    return rest

@@ -19,38 +19,10 @@ from lightning_lowmem.optim.functional import (  # noqa: E402
     block_mean_sq,
     state_dtype,
 )
-from lightning_lowmem.partition import BlockSpec, ParamBlocks  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HPARAMS = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-4, weight_decay=0.1)
-TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
-
-ENTRIES = {
-    "full_6x42": ParamBlocks.single("w", (6, 42), BlockSpec("full")),
-    "full_1": ParamBlocks.single("w", (1,), BlockSpec("full")),
-    "full_4097": ParamBlocks.single("w", (4097,), BlockSpec("full")),
-    "row_123x431": ParamBlocks.single("w", (123, 431), BlockSpec("row")),
-    "row_1x1": ParamBlocks.single("w", (1, 1), BlockSpec("row")),
-    "row_wide_3x2500": ParamBlocks.single("w", (3, 2500), BlockSpec("row")),
-    "tensor_4097": ParamBlocks.single("w", (4097,), BlockSpec("tensor")),
-    "head_of_3_rows": ParamBlocks.single("w", (12, 42), BlockSpec("head", head_dim=3)),
-    "fused_qkv": ParamBlocks("w", (15, 7), ((BlockSpec("head", head_dim=3), 6), (BlockSpec("head", head_dim=3), 3), (BlockSpec("row"), 6))),
-    "transposed_rows": ParamBlocks.single("w", (42, 6), BlockSpec("row"), transposed=True),
-    "transposed_heads": ParamBlocks.single("w", (7, 12), BlockSpec("head", head_dim=3), transposed=True),
-}
-
-
-def _tensors(entry: ParamBlocks, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    p = torch.randn(entry.shape, generator=gen).to(dtype)
-    m = (torch.randn(entry.shape, generator=gen) * 1e-3).to(dtype)
-    v = torch.rand(entry.state_shape(), generator=gen, dtype=torch.float32) * 1e-6
-    grads = [(torch.randn(entry.shape, generator=gen) * 1e-3).to(dtype) for _ in range(3)]
-    return [t.to(DEVICE) for t in (p, m, v)], [g.to(DEVICE) for g in grads]
-
+from _cases import DEVICE, ENTRIES, HPARAMS, TOL, make_tensors  # noqa: E402  (tests/kernels/_cases.py)
 
 def _run(update, entry, dtype, *, maximize=False, reduced_means=False, scalars=adam_step_scalars):
-    (p, m, v), grads = _tensors(entry, dtype)
+    (p, m, v), grads = make_tensors(entry, dtype)
     layout = layout_for(entry, torch.device(DEVICE))
     for t, g in enumerate(grads, start=1):
         step_size, bc2 = scalars(t, HPARAMS["lr"], HPARAMS["beta1"], HPARAMS["beta2"])
@@ -93,7 +65,7 @@ def test_tolerance_catches_a_missing_bias_correction():
 
 def test_tolerance_catches_eps_inside_the_square_root():
     entry = ENTRIES["row_123x431"]
-    (p, m, v), grads = _tensors(entry, torch.float32)
+    (p, m, v), grads = make_tensors(entry, torch.float32)
     layout = layout_for(entry, torch.device(DEVICE))
     expected = _run(block_adam_update_, entry, torch.float32)[0]
     for t, g in enumerate(grads, start=1):  # the same update, with sqrt(v_hat + eps) instead of sqrt(v_hat) + eps
