@@ -1,15 +1,17 @@
-r"""The AdamMini/Eve update of fp32 row blocks on CPUs: one C call per thread for a whole step.
+r"""The AdamMini/Eve update of fp32 tensors on CPUs: one C call per thread for a whole step.
 
-The C kernel (``csrc/block_adam_rows.c``) walks each row once: it sums :math:`g^2` over the row
-(the row stays in the L1/L2 cache), updates the row's second moment, then updates the row's
-momentum and weights, so memory sees 20 bytes per parameter against AdamW's 28. The rows of all
-tensors of a step are split between ``torch.get_num_threads()`` threads by entry count; the C
-calls release the GIL, so the threads run in parallel.
+The C kernel (``csrc/block_adam_rows.c``) takes each block of rows (a row, a head) once: it sums
+:math:`g^2` over the block, which then stays in the L1/L2 cache, updates the block's second
+moment, then the block's momentum and weights, so memory sees 20 bytes per parameter against
+AdamW's 28. It also runs the elementwise (AdamW) update of ``full`` tensors, so that one call
+serves all tensors of a step. The blocks of all tensors are split between
+``torch.get_num_threads()`` threads by entry count; the C calls release the GIL, so the threads
+run in parallel.
 
 Example::
 
-    >>> if rows_kernel_available():
-    ...     block_adam_rows_([p], [g], [m], [v], [None], [float(p.shape[1])], decay=1.0, step_size=1e-3,
+    >>> if rows_kernel_available():   # p, g, m: rows x cols fp32; v: one value per row
+    ...     block_adam_rows_([p], [g], [m], [v], [None], [1], decay=1.0, step_size=1e-3,
     ...                      bias_correction2_sqrt=0.03, beta1=0.9, beta2=0.999, eps=1e-8)
 """
 
@@ -26,12 +28,8 @@ from torch import Tensor
 from lightning_lowmem.kernels.native import load_library
 
 _FLOAT_BYTES = 4
-#: Rows shorter than this go to the compiled path, where per-row overhead does not dominate.
-MIN_COLS = 32
-
-
 class _Slice(NamedTuple):
-    """Rows ``[start, stop)`` of item ``item``."""
+    """Rows ``[start, stop)`` of item ``item`` (whole blocks)."""
 
     item: int
     start: int
@@ -41,7 +39,7 @@ class _Slice(NamedTuple):
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
     lib = load_library("block_adam_rows")
-    if lib is None or lib.lowmem_block_adam_rows_abi() != 1:
+    if lib is None or lib.lowmem_block_adam_rows_abi() != 2:
         return None
     fn = lib.lowmem_block_adam_rows
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -55,15 +53,9 @@ def rows_kernel_available() -> bool:
     return _kernel() is not None
 
 
-def rows_kernel_supports(param_rows: Tensor, grad_rows: Tensor, exp_avg_rows: Tensor, exp_avg_sq: Tensor) -> bool:
-    """Whether a tensor, as its ``rows x cols`` views, can take the kernel: CPU, fp32, contiguous rows."""
-    tensors = (param_rows, grad_rows, exp_avg_rows, exp_avg_sq)
-    return (
-        param_rows.device.type == "cpu"
-        and param_rows.dim() == 2
-        and param_rows.shape[1] >= MIN_COLS
-        and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-    )
+def rows_kernel_supports(*tensors: Tensor) -> bool:
+    """Whether tensors can take the kernel: on the CPU, fp32 and contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def block_adam_rows_(
@@ -72,7 +64,7 @@ def block_adam_rows_(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     row_denoms: list[Tensor | None],
-    block_numels: list[float],
+    rows_per_block: list[int],
     *,
     decay: float,
     step_size: float,
@@ -82,20 +74,24 @@ def block_adam_rows_(
     eps: float,
     maximize: bool = False,
 ) -> None:
-    """One step of several fp32 tensors given as contiguous ``rows x cols`` views.
+    r"""One step of several fp32 tensors given as contiguous ``rows x cols`` views.
 
     Args:
-        row_denoms: per tensor, ``None`` when every row is a block (the kernel updates
-            ``exp_avg_sqs[i]``, one value per row, from ``block_numels[i]`` entries), or each row's
-            :math:`\\sqrt{\\hat v} + \\epsilon` when the caller has updated the second moments.
-        decay: :math:`1 - \\eta\\lambda`; ``step_size`` and ``bias_correction2_sqrt`` as in
+        exp_avg_sqs: per tensor, one second moment per block, or (``rows_per_block`` 0) one per
+            entry, or unused where ``row_denoms`` is given.
+        row_denoms: per tensor, ``None``, or each row's :math:`\sqrt{\hat v} + \epsilon` when
+            the caller has updated the second moments (then ``rows_per_block`` is 1).
+        rows_per_block: per tensor, the rows of a block (a block's entries are consecutive), or 0
+            for the elementwise (AdamW) update.
+        decay: :math:`1 - \eta\lambda`; ``step_size`` and ``bias_correction2_sqrt`` as in
             :func:`lightning_lowmem.optim.functional.adam_step_scalars`.
     """
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("The C kernel block_adam_rows is not available here (no working C compiler).")
-    items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, block_numels))
-    shares = _split_rows([p.shape for p in params], torch.get_num_threads())
+    items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block))
+    shares = _split_rows([(p.shape[0], p.shape[1], max(k, 1)) for p, k in zip(params, rows_per_block)],
+                         torch.get_num_threads())
     scalars = (decay, step_size, bias_correction2_sqrt, beta1, beta2, eps, int(maximize))
 
     def run(share: list[_Slice]) -> None:
@@ -110,35 +106,39 @@ def block_adam_rows_(
 
 def _share_arguments(items: list[tuple], share: list[_Slice]) -> tuple:
     """The kernel's per-item pointer and size arrays for one thread's share of rows."""
-    ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     n = len(share)
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, d_ptrs = ((ptr * n)() for _ in range(5))
-    rows, cols, numels = (i64 * n)(), (i64 * n)(), (f32 * n)()
-    for k, (item, start, stop) in enumerate(share):
-        param, grad, exp_avg, exp_avg_sq, denom, numel = items[item]
+    rows, cols, blocks = (i64 * n)(), (i64 * n)(), (i64 * n)()
+    for i, (item, start, stop) in enumerate(share):
+        param, grad, exp_avg, exp_avg_sq, denom, rows_per_block = items[item]
         width = param.shape[1]
         offset = start * width * _FLOAT_BYTES
-        p_ptrs[k], g_ptrs[k], m_ptrs[k] = (t.data_ptr() + offset for t in (param, grad, exp_avg))
-        if denom is None:
-            v_ptrs[k] = exp_avg_sq.data_ptr() + start * _FLOAT_BYTES
+        p_ptrs[i], g_ptrs[i], m_ptrs[i] = (t.data_ptr() + offset for t in (param, grad, exp_avg))
+        if denom is not None:
+            d_ptrs[i] = denom.data_ptr() + start * _FLOAT_BYTES
+        elif rows_per_block == 0:
+            v_ptrs[i] = exp_avg_sq.data_ptr() + offset
         else:
-            d_ptrs[k] = denom.data_ptr() + start * _FLOAT_BYTES
-        rows[k], cols[k], numels[k] = stop - start, width, numel
-    return n, p_ptrs, g_ptrs, m_ptrs, v_ptrs, d_ptrs, rows, cols, numels
+            v_ptrs[i] = exp_avg_sq.data_ptr() + start // rows_per_block * _FLOAT_BYTES
+        rows[i], cols[i], blocks[i] = stop - start, width, rows_per_block
+    return n, p_ptrs, g_ptrs, m_ptrs, v_ptrs, d_ptrs, rows, cols, blocks
 
 
-def _split_rows(shapes: list[torch.Size], n_threads: int) -> list[list[_Slice]]:
-    """Split the rows of all items into at most ``n_threads`` shares of about equal entry counts."""
-    total = sum(rows * cols for rows, cols in shapes)
+def _split_rows(shapes: list[tuple[int, int, int]], n_threads: int) -> list[list[_Slice]]:
+    """Split ``(rows, cols, rows per block)`` items into at most ``n_threads`` shares of about
+    equal entry counts, cutting only between blocks."""
+    total = sum(rows * cols for rows, cols, _ in shapes)
     n_threads = max(1, min(n_threads, total // (1 << 16) or 1))
     per_share = -(-total // n_threads)
     shares: list[list[_Slice]] = [[]]
     filled = 0
-    for item, (rows, cols) in enumerate(shapes):
+    for item, (rows, cols, rows_per_block) in enumerate(shapes):
+        block = rows_per_block * cols
         start = 0
         while start < rows:
-            room = per_share - filled
-            stop = min(rows, start + max(1, -(-room // cols)))
+            blocks = max(1, -(-(per_share - filled) // block))
+            stop = min(rows, start + blocks * rows_per_block)
             shares[-1].append(_Slice(item, start, stop))
             filled += (stop - start) * cols
             start = stop

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -314,29 +315,69 @@ def _row_views(tensors: list[list[Any]]) -> list[list[Any]]:
 def _update_rows_natively(tensors: list[list[Any]], indices: list[int], *, lr: float, step_size: float,
                           bias_correction2_sqrt: float, beta1: float, beta2: float, eps: float,
                           weight_decay: float, maximize: bool) -> list[int]:
-    """Update the tensors the C row kernel takes; return the ``indices`` of the others.
+    """Update the tensors the C kernel takes (fp32, contiguous, not transposed); return the
+    ``indices`` of the others.
 
-    Rows that are blocks take the kernel's one pass; other blocks (heads, fused segments, block
-    means reduced across ranks) update their second moments here and pass each row's denominator.
+    Blocks of consecutive rows (rows, heads, tensors, segments of fused QKV) and ``full`` tensors
+    go to the kernel as they are; tensors whose block means were reduced across ranks update their
+    second moments here and pass each row's denominator.
     """
-    rest, taken = [], []
+    rest, items = [], []
     for k, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq) in enumerate(zip(*tensors)):
-        if layout.elementwise or layout.transposed:
+        if layout.transposed or not rows_kernel_supports(param, grad, exp_avg, exp_avg_sq):
             rest.append(indices[k])
+            continue
+        if layout.elementwise:
+            p, g, m, v = (x.view(1, -1) if x.dim() < 2 else as_rows(x) for x in (param, grad, exp_avg, exp_avg_sq))
+            items.append((p, g, m, v, None, 0))
             continue
         p, g, m = (as_rows(x) for x in (param, grad, exp_avg))
-        if not rows_kernel_supports(p, g, m, exp_avg_sq):
+        if mean_sq is not None:
+            denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps).contiguous()
+            items.append((p, g, m, exp_avg_sq, denom, 1))
+            continue
+        segments = [(0, p.shape[0], 1, 0)] if layout.group_index is None else block_segments(layout.group_index)
+        if segments is None:
             rest.append(indices[k])
             continue
-        if layout.group_index is None and mean_sq is None:
-            taken.append((p, g, m, exp_avg_sq, None, float(layout.group_numel)))
-            continue
-        if mean_sq is None:
-            mean_sq = block_mean_sq(grad, layout)
-        denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps).contiguous()
-        taken.append((p, g, m, exp_avg_sq, denom, 1.0))
-    if taken:
-        block_adam_rows_(*map(list, zip(*taken)), decay=1 - lr * weight_decay, step_size=step_size,
+        for start, stop, rows_per_block, first_block in segments:
+            n_blocks = (stop - start) // rows_per_block
+            items.append((p[start:stop], g[start:stop], m[start:stop],
+                          exp_avg_sq[first_block : first_block + n_blocks], None, rows_per_block))
+    if items:
+        block_adam_rows_(*map(list, zip(*items)), decay=1 - lr * weight_decay, step_size=step_size,
                          bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2, eps=eps,
                          maximize=maximize)
     return rest
+
+
+#: id(group_index) -> (a weak reference to it, its segments); an entry leaves with its tensor.
+_SEGMENTS: dict[int, tuple[weakref.ref, list[tuple[int, int, int, int]] | None]] = {}
+
+
+def block_segments(group_index: Tensor) -> list[tuple[int, int, int, int]] | None:
+    """Runs of equal blocks in a ``group_index`` (block of each row), as ``(start row, stop row,
+    rows per block, first block)``; ``None`` unless block ``b`` is rows ``b``'s consecutive run.
+
+    Example: heads of 2 rows then 3 single rows, ``[0, 0, 1, 1, 2, 3, 4]`` ->
+    ``[(0, 4, 2, 0), (4, 7, 1, 2)]``.
+    """
+    key = id(group_index)
+    cached = _SEGMENTS.get(key)
+    if cached is not None and cached[0]() is group_index:
+        return cached[1]
+    blocks, counts = torch.unique_consecutive(group_index.cpu(), return_counts=True)
+    segments: list[tuple[int, int, int, int]] | None = []
+    if blocks.tolist() != list(range(len(blocks))):
+        segments = None
+    else:
+        row = 0
+        for block, count in enumerate(counts.tolist()):
+            if segments and segments[-1][2] == count:
+                start, _, _, first = segments[-1]
+                segments[-1] = (start, row + count, count, first)
+            else:
+                segments.append((row, row + count, count, block))
+            row += count
+    _SEGMENTS[key] = (weakref.ref(group_index, lambda _, key=key: _SEGMENTS.pop(key, None)), segments)
+    return segments
