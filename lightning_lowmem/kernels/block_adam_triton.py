@@ -8,7 +8,10 @@ for elementwise blocks (28 bytes, AdamW):
 * :func:`adam_rows_` -- a ``rows x cols`` view (any strides, so GPT-2's transposed ``Conv1D``
   weights need no copy). With one block per row it computes the row means of ``g**2``, updates
   ``v`` and applies the update in the same program, so ``g`` is read from memory once; otherwise
-  the caller passes the per-row denominator ``sqrt(v_hat) + eps`` of each row's block.
+  the caller passes the per-row denominator ``sqrt(v_hat) + eps`` of each row's block;
+* :func:`adam_small_tensors_` -- many small tensors (biases, norms) in one launch, one program per
+  tensor, each either ``full`` (AdamW) or one block (a ``tensor`` spec): the launch reads the
+  tensors' addresses from a table instead of taking one launch per tiny tensor.
 
 Example::
 
@@ -19,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -28,6 +32,9 @@ from lightning_lowmem.kernels.triton_common import store_rounded
 _ELEMENTWISE_BLOCK = 1024
 _MAX_BLOCK_COLS = 1024
 _TILE = 4096  # entries per program and column chunk of the row kernel
+#: Tensors up to this many entries can share a launch (one program each).
+SMALL_TENSOR_NUMEL = 1 << 16
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -93,6 +100,49 @@ def _adam_rows_kernel(
         store_rounded(m_ptr + m_offs, m, mask)
 
 
+@triton.jit
+def _adam_small_tensors_kernel(
+    p_table, g_table, m_table, v_table, numel_table,
+    lr, step_size, bc2_sqrt, beta1, beta2, eps, weight_decay,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ONE_BLOCK: tl.constexpr, MAXIMIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    n = tl.load(numel_table + t)
+    p_ptr = tl.load(p_table + t).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(g_table + t).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(m_table + t).to(tl.pointer_type(P_DTYPE))
+    v_ptr = tl.load(v_table + t).to(tl.pointer_type(tl.float32))
+    if ONE_BLOCK:  # one second moment for the tensor: its mean of g**2 first
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            acc += g * g
+        v_block = tl.load(v_ptr) * beta2 + (1.0 - beta2) * (tl.sum(acc, axis=0) / n.to(tl.float32))
+        tl.store(v_ptr, v_block)
+        block_denom = tl.sqrt(v_block) / bc2_sqrt + eps
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        p = p * (1.0 - lr * weight_decay)
+        m = m + (1.0 - beta1) * (g - m)
+        if ONE_BLOCK:
+            denom = block_denom
+        else:
+            v = tl.load(v_ptr + offs, mask=mask) * beta2 + (1.0 - beta2) * g * g
+            tl.store(v_ptr + offs, v, mask=mask)
+            denom = tl.sqrt(v) / bc2_sqrt + eps
+        p = p + (m / denom) * (-step_size)
+        store_rounded(p_ptr + offs, p, mask)
+        store_rounded(m_ptr + offs, m, mask)
+
+
 def adam_elementwise_(
     p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr: float, step_size: float, bias_correction2_sqrt: float,
     beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
@@ -127,4 +177,23 @@ def adam_rows_(
         rows, ncols, p.stride(0), p.stride(1), g.stride(0), g.stride(1), m.stride(0), m.stride(1),
         lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay, cols,
         ROW_STATS=row_stats, MAXIMIZE=maximize, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+
+
+def adam_small_tensors_(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+    one_block: bool, lr: float, step_size: float, bias_correction2_sqrt: float, beta1: float, beta2: float,
+    eps: float, weight_decay: float, maximize: bool,
+) -> None:
+    """The update of contiguous small tensors in one launch, in place: AdamW (``v`` like ``p``) or,
+    with ``one_block``, one second moment per tensor (``v`` of one entry). All ``params`` (and
+    ``exp_avgs``) share a dtype, all ``grads`` share one, ``v`` is fp32."""
+    device = params[0].device
+    tables = [torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=device)
+              for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
+    _adam_small_tensors_kernel[(len(params),)](
+        *tables, numels, lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+        P_DTYPE=_TRITON_DTYPES[params[0].dtype], G_DTYPE=_TRITON_DTYPES[grads[0].dtype], ONE_BLOCK=one_block,
+        MAXIMIZE=maximize, BLOCK=_ELEMENTWISE_BLOCK,
     )

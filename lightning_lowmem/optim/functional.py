@@ -226,9 +226,38 @@ def block_adam_multi_update_triton_(
     mean_sqs: list[Tensor | None],
     **hparams: Any,
 ) -> None:
-    """:func:`block_adam_multi_update_` with :func:`block_adam_update_triton_` for each tensor."""
-    for param, grad, exp_avg, exp_avg_sq, layout, mean_sq in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs):
-        block_adam_update_triton_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **hparams)
+    """:func:`block_adam_multi_update_` as Triton kernels: small ``full`` and one-block tensors
+    (biases, norms) share one launch per kind and dtype; the others take
+    :func:`block_adam_update_triton_` each."""
+    from lightning_lowmem.kernels import block_adam_triton as kernels
+
+    small: dict[tuple[bool, torch.dtype, torch.dtype], list[int]] = {}
+    for i, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs)):
+        one_block = _small_tensor_kind(param, grad, exp_avg, exp_avg_sq, layout, mean_sq)
+        if one_block is None:
+            block_adam_update_triton_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **hparams)
+        else:
+            small.setdefault((one_block, param.dtype, grad.dtype), []).append(i)
+    scalars = {k: float(v) if k in ("lr", "step_size", "bias_correction2_sqrt") else v for k, v in hparams.items()}
+    for (one_block, _, _), group in small.items():
+        kernels.adam_small_tensors_(*([x[i] for i in group] for x in (params, grads, exp_avgs, exp_avg_sqs)),
+                                    one_block=one_block, **scalars)
+
+
+def _small_tensor_kind(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, layout: RowLayout,
+                       mean_sq: Tensor | None) -> bool | None:
+    """For a tensor that can share the small-tensor launch, whether it is one block (else ``full``);
+    ``None`` for the others."""
+    from lightning_lowmem.kernels.block_adam_triton import _TRITON_DTYPES, SMALL_TENSOR_NUMEL
+
+    if (param.numel() > SMALL_TENSOR_NUMEL or mean_sq is not None or param.dtype not in _TRITON_DTYPES
+            or grad.dtype not in _TRITON_DTYPES or exp_avg.dtype != param.dtype or exp_avg_sq.dtype != torch.float32
+            or not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))):
+        return None
+    if layout.elementwise:
+        return False
+    one_block = isinstance(layout.group_numel, Tensor) and layout.group_numel.numel() == 1
+    return True if one_block else None
 
 
 def block_adam(
@@ -291,14 +320,21 @@ def block_adam(
             update(*_row_views([[x[i] for i in group] for x in tensors]), **hparams)
 
 
+#: Tensors under this many entries share compiled calls with like tensors: for them a call's
+#: overhead (tens of microseconds) is the step's cost. Larger ones get a call each, so that one
+#: small graph serves every tensor of their shape (a graph over many tensors compiles slowly).
+GROUP_BELOW = 1 << 16
+
+
 def _like_tensors(indices: list[int], params: list[Tensor], layouts: list[RowLayout], mean_sqs: list[Tensor | None]) -> list[list[int]]:
-    """``indices`` grouped by what a compiled graph specializes on (shape, dtype, kind of layout)."""
+    """``indices`` grouped by what a compiled graph specializes on (shape, dtype, kind of layout);
+    tensors of at least :data:`GROUP_BELOW` entries alone."""
     groups: dict[tuple, list[int]] = {}
     for i in indices:
         layout = layouts[i]
         numel = layout.group_numel if isinstance(layout.group_numel, float) else None
         key = (params[i].shape, params[i].dtype, layout.transposed, layout.elementwise,
-               layout.group_index is None, numel, mean_sqs[i] is None)
+               layout.group_index is None, numel, mean_sqs[i] is None, i if params[i].numel() >= GROUP_BELOW else -1)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -21,6 +21,8 @@ from lightning_lowmem.optim.functional import (  # noqa: E402
 )
 from _cases import DEVICE, ENTRIES, HPARAMS, TOL, make_tensors  # noqa: E402  (tests/kernels/_cases.py)
 
+from lightning_lowmem.partition import BlockSpec, ParamBlocks  # noqa: E402
+
 def _run(update, entry, dtype, *, maximize=False, reduced_means=False, scalars=adam_step_scalars):
     (p, m, v), grads = make_tensors(entry, dtype)
     layout = layout_for(entry, torch.device(DEVICE))
@@ -104,3 +106,47 @@ def test_optimizer_with_triton_backend_follows_the_reference(name):
             optimizer.step()
     for (name_, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_small_tensors_share_one_launch(dtype, monkeypatch):
+    """Biases and norms (full and one-block tensors) take one launch per kind, not one each."""
+    from lightning_lowmem.kernels import block_adam_triton as kernels
+    from lightning_lowmem.optim.functional import block_adam
+
+    entries = [ParamBlocks.single(f"w{i}", shape, BlockSpec(kind)) for i, (shape, kind) in enumerate(
+        [((1,), "full"), ((7,), "full"), ((768,), "full"), ((3, 5), "full"), ((4097,), "full"), ((6, 42), "full"),
+         ((768,), "tensor"), ((33,), "tensor"), ((4, 6), "tensor"), ((123, 431), "row")])]
+    launches = []
+    real = kernels._adam_small_tensors_kernel
+    monkeypatch.setattr(kernels, "_adam_small_tensors_kernel", _CountingLaunch(real, launches))
+
+    def run(backend):
+        cases = [make_tensors(entry, dtype, seed=i) for i, entry in enumerate(entries)]
+        layouts = [layout_for(entry, torch.device(DEVICE)) for entry in entries]
+        params, exp_avgs, exp_avg_sqs = ([case[0][k] for case in cases] for k in range(3))
+        steps = [torch.tensor(0.0) for _ in entries]
+        for t in range(3):
+            block_adam(params, [case[1][t] for case in cases], exp_avgs, exp_avg_sqs, steps, layouts,
+                       backend=backend, **HPARAMS)
+        return params, exp_avgs, exp_avg_sqs
+
+    expected = run("torch")
+    got = run("triton")
+    for e_list, g_list in zip(expected, got):
+        for entry, e, g in zip(entries, e_list, g_list):
+            torch.testing.assert_close(g.float(), e.float(), **TOL[dtype], msg=entry.name)
+    assert launches == [(6, False), (3, True)] * 3  # per step: the 6 full tensors, the 3 one-block ones
+
+
+class _CountingLaunch:
+    """Stands in for a Triton kernel: records (programs, ONE_BLOCK) of each launch, then launches."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid[0], kwargs["ONE_BLOCK"]))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
