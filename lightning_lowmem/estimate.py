@@ -175,7 +175,7 @@ def micro_adam_estimate(model: nn.Module, **settings: Any) -> StateEstimate:
 
     A :class:`~lightning_lowmem.optim.MicroAdam` is built over the (meta) parameters to apply its own
     rules: a tensor of two or more dims and at least ``min_compressed_numel`` elements holds the
-    compressed window and error feedback (:meth:`MicroAdam.layout_of` ... ``.state_bytes(window)``),
+    compressed window and error feedback (:meth:`MicroAdam.layout_of` ... ``.state_bytes(window, error_feedback)``),
     any other fp32 ``exp_avg``/``exp_avg_sq``. Nothing is allocated.
     """
     optimizer = MicroAdam(model, **settings)
@@ -184,11 +184,13 @@ def micro_adam_estimate(model: nn.Module, **settings: Any) -> StateEstimate:
         numel = param.numel()
         num_params += numel
         if optimizer.is_compressed(param, group):
-            state_bytes += optimizer.layout_of(param, group).state_bytes(group["window"])
+            state_bytes += optimizer.layout_of(param, group).state_bytes(group["window"], group["error_feedback"])
         else:
             state_bytes += ADAMW_STATE_BYTES_PER_PARAM * numel
     group = optimizer.param_groups[0]
     variant = f"window {group['window']}, density {group['density']:g}"
+    if not group["error_feedback"]:
+        variant += ", no error feedback"
     return StateEstimate("MicroAdam", variant, num_params, state_bytes)
 
 

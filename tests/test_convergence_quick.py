@@ -32,8 +32,11 @@ def test_convergence_quick_mode_passes_its_checks():
     for label in NEAR_ADAMW:
         assert re.search(rf"^PASS: {re.escape(label)} within [0-9.]+ of AdamW at lr ", out, re.M), (label, out)
     assert re.search(r"^PASS: dense Adam reaches the Rosenbrock optimum", out, re.M), out
-    # with and without error feedback both run (the paper's ordering is reported, not asserted)
-    for pair in (r"MicroAdam \(EF\) vs MicroAdam, no EF", r"top-k Adam \+ EF vs top-k Adam, no EF"):
-        assert re.search(rf"^NOTE: MicroAdam Fig\. 1 claim .*(reproduced|NOT reproduced) by {pair}: ", out, re.M), out
+    # Fig. 1's ordering is asserted for dense-state top-k Adam; for MicroAdam (window of 10) it is only
+    # reported, as the benchmark's docstring explains
+    assert re.search(r"^PASS: MicroAdam Fig\. 1 claim .* reproduced by top-k Adam \+ EF vs top-k Adam, no EF: "
+                     r"[0-9.]+ with EF, [0-9.]+ without \(at least [0-9.]+ farther\)", out, re.M), out
+    assert re.search(r"^NOTE: MicroAdam Fig\. 1 claim .*(reproduced|NOT reproduced) by MicroAdam \(EF\) vs "
+                     r"MicroAdam, no EF: ", out, re.M), out
     runtime = re.search(r"done in (\d+) s \(quick mode\)", out)
     assert runtime is not None, out

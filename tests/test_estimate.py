@@ -168,6 +168,11 @@ def test_micro_adam_settings_pass_through():
     assert rows[-1].label == "MicroAdam (window 10, density 0.02)" and rows[-1].state_bytes > default.state_bytes
     with pytest.raises(ValueError, match="window"):
         micro_adam_estimate(model, window=0)
+    no_feedback = micro_adam_estimate(model, error_feedback=False)
+    assert no_feedback.variant == "window 10, density 0.01, no error feedback"
+    # the error state is about 0.5 + 4/64 bytes per compressed coordinate
+    saved = (default.state_bytes - no_feedback.state_bytes) / default.num_params
+    assert 0.45 < saved < 0.57
 
 
 def test_no_trainable_parameters():

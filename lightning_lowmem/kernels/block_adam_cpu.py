@@ -11,7 +11,7 @@ run in parallel.
 Example::
 
     >>> if rows_kernel_available():   # p, g, m: rows x cols fp32; v: one value per row
-    ...     block_adam_rows_([p], [g], [m], [v], [None], [1], decay=1.0, step_size=1e-3,
+    ...     block_adam_rows_([p], [g], [m], [v], [None], [1], [False], decay=1.0, step_size=1e-3,
     ...                      bias_correction2_sqrt=0.03, beta1=0.9, beta2=0.999, eps=1e-8)
 """
 
@@ -39,12 +39,12 @@ class _Slice(NamedTuple):
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
     lib = load_library("block_adam_rows")
-    if lib is None or lib.lowmem_block_adam_rows_abi() != 2:
+    if lib is None or lib.lowmem_block_adam_rows_abi() != 3:
         return None
     fn = lib.lowmem_block_adam_rows
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, f32, f32, f32, f32, f32, f32, ctypes.c_int32]
-    fn.restype = None
+    fn.argtypes = [i64, *[ptr] * 9, f32, f32, f32, f32, f32, f32, ctypes.c_int32]
+    fn.restype = ctypes.c_int32
     return fn
 
 
@@ -65,6 +65,7 @@ def block_adam_rows_(
     exp_avg_sqs: list[Tensor],
     row_denoms: list[Tensor | None],
     rows_per_block: list[int],
+    transposed: list[bool],
     *,
     decay: float,
     step_size: float,
@@ -74,28 +75,31 @@ def block_adam_rows_(
     eps: float,
     maximize: bool = False,
 ) -> None:
-    r"""One step of several fp32 tensors given as contiguous ``rows x cols`` views.
+    r"""One step of several 2-D fp32 tensors whose rows (or, ``transposed``, columns) are the rows
+    of the blocks: contiguous, or for ``transposed`` a slice of columns of a contiguous matrix.
 
     Args:
         exp_avg_sqs: per tensor, one second moment per block, or (``rows_per_block`` 0) one per
             entry, or unused where ``row_denoms`` is given.
         row_denoms: per tensor, ``None``, or each row's :math:`\sqrt{\hat v} + \epsilon` when
             the caller has updated the second moments (then ``rows_per_block`` is 1).
-        rows_per_block: per tensor, the rows of a block (a block's entries are consecutive), or 0
-            for the elementwise (AdamW) update.
+        rows_per_block: per tensor, the rows of a block (consecutive rows), or 0 for the
+            elementwise (AdamW) update.
+        transposed: per tensor, whether its rows are the columns of the matrix (GPT-2 ``Conv1D``).
         decay: :math:`1 - \eta\lambda`; ``step_size`` and ``bias_correction2_sqrt`` as in
             :func:`lightning_lowmem.optim.functional.adam_step_scalars`.
     """
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("The C kernel block_adam_rows is not available here (no working C compiler).")
-    items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block))
-    shares = _split_rows([(p.shape[0], p.shape[1], max(k, 1)) for p, k in zip(params, rows_per_block)],
-                         torch.get_num_threads())
+    items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block, transposed))
+    shapes = [(*(p.shape[::-1] if t else p.shape), max(k, 1)) for p, k, t in zip(params, rows_per_block, transposed)]
+    shares = _split_rows(shapes, torch.get_num_threads())
     scalars = (decay, step_size, bias_correction2_sqrt, beta1, beta2, eps, int(maximize))
 
     def run(share: list[_Slice]) -> None:
-        kernel(*_share_arguments(items, share), *scalars)
+        if kernel(*_share_arguments(items, share), *scalars) != 0:
+            raise MemoryError("The C kernel block_adam_rows could not allocate its scratch row.")
 
     pool = _pool(len(shares) - 1)
     futures = [pool.submit(run, share) for share in shares[1:]] if pool is not None else []
@@ -109,11 +113,15 @@ def _share_arguments(items: list[tuple], share: list[_Slice]) -> tuple:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     n = len(share)
     p_ptrs, g_ptrs, m_ptrs, v_ptrs, d_ptrs = ((ptr * n)() for _ in range(5))
-    rows, cols, blocks = (i64 * n)(), (i64 * n)(), (i64 * n)()
+    rows, cols, blocks, strides = ((i64 * n)() for _ in range(4))
     for i, (item, start, stop) in enumerate(share):
-        param, grad, exp_avg, exp_avg_sq, denom, rows_per_block = items[item]
-        width = param.shape[1]
-        offset = start * width * _FLOAT_BYTES
+        param, grad, exp_avg, exp_avg_sq, denom, rows_per_block, transposed = items[item]
+        if transposed:  # rows are columns (of a matrix, or of a column slice of one)
+            cols[i], strides[i] = param.shape[0], param.stride(0)
+            offset = start * _FLOAT_BYTES
+        else:
+            cols[i] = param.shape[1]
+            offset = start * cols[i] * _FLOAT_BYTES
         p_ptrs[i], g_ptrs[i], m_ptrs[i] = (t.data_ptr() + offset for t in (param, grad, exp_avg))
         if denom is not None:
             d_ptrs[i] = denom.data_ptr() + start * _FLOAT_BYTES
@@ -121,8 +129,8 @@ def _share_arguments(items: list[tuple], share: list[_Slice]) -> tuple:
             v_ptrs[i] = exp_avg_sq.data_ptr() + offset
         else:
             v_ptrs[i] = exp_avg_sq.data_ptr() + start // rows_per_block * _FLOAT_BYTES
-        rows[i], cols[i], blocks[i] = stop - start, width, rows_per_block
-    return n, p_ptrs, g_ptrs, m_ptrs, v_ptrs, d_ptrs, rows, cols, blocks
+        rows[i], blocks[i] = stop - start, rows_per_block
+    return n, p_ptrs, g_ptrs, m_ptrs, v_ptrs, d_ptrs, rows, cols, blocks, strides
 
 
 def _split_rows(shapes: list[tuple[int, int, int]], n_threads: int) -> list[list[_Slice]]:

@@ -351,8 +351,7 @@ def _row_views(tensors: list[list[Any]]) -> list[list[Any]]:
 def _update_rows_natively(tensors: list[list[Any]], indices: list[int], *, lr: float, step_size: float,
                           bias_correction2_sqrt: float, beta1: float, beta2: float, eps: float,
                           weight_decay: float, maximize: bool) -> list[int]:
-    """Update the tensors the C kernel takes (fp32, contiguous, not transposed); return the
-    ``indices`` of the others.
+    """Update the tensors the C kernel takes (fp32, contiguous); return the ``indices`` of the others.
 
     Blocks of consecutive rows (rows, heads, tensors, segments of fused QKV) and ``full`` tensors
     go to the kernel as they are; tensors whose block means were reduced across ranks update their
@@ -360,26 +359,29 @@ def _update_rows_natively(tensors: list[list[Any]], indices: list[int], *, lr: f
     """
     rest, items = [], []
     for k, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq) in enumerate(zip(*tensors)):
-        if layout.transposed or not rows_kernel_supports(param, grad, exp_avg, exp_avg_sq):
+        if not rows_kernel_supports(param, grad, exp_avg, exp_avg_sq) or (layout.transposed and param.dim() != 2):
             rest.append(indices[k])
             continue
         if layout.elementwise:
             p, g, m, v = (x.view(1, -1) if x.dim() < 2 else as_rows(x) for x in (param, grad, exp_avg, exp_avg_sq))
-            items.append((p, g, m, v, None, 0))
+            items.append((p, g, m, v, None, 0, False))
             continue
-        p, g, m = (as_rows(x) for x in (param, grad, exp_avg))
+        # the kernel's views: rows, or for transposed rows the matrix itself (its columns are the rows)
+        p, g, m = (x if layout.transposed else as_rows(x) for x in (param, grad, exp_avg))
         if mean_sq is not None:
             denom = _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps).contiguous()
-            items.append((p, g, m, exp_avg_sq, denom, 1))
+            items.append((p, g, m, exp_avg_sq, denom, 1, layout.transposed))
             continue
-        segments = [(0, p.shape[0], 1, 0)] if layout.group_index is None else block_segments(layout.group_index)
+        n_rows = p.shape[1] if layout.transposed else p.shape[0]
+        segments = [(0, n_rows, 1, 0)] if layout.group_index is None else block_segments(layout.group_index)
         if segments is None:
             rest.append(indices[k])
             continue
         for start, stop, rows_per_block, first_block in segments:
             n_blocks = (stop - start) // rows_per_block
-            items.append((p[start:stop], g[start:stop], m[start:stop],
-                          exp_avg_sq[first_block : first_block + n_blocks], None, rows_per_block))
+            rows = (slice(None), slice(start, stop)) if layout.transposed else slice(start, stop)
+            items.append((p[rows], g[rows], m[rows], exp_avg_sq[first_block : first_block + n_blocks], None,
+                          rows_per_block, layout.transposed))
     if items:
         block_adam_rows_(*map(list, zip(*items)), decay=1 - lr * weight_decay, step_size=step_size,
                          bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2, eps=eps,

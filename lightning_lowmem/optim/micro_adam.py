@@ -17,6 +17,7 @@ from lightning_lowmem.optim.functional import RowLayout, block_adam, state_dtype
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.optim.micro_adam_functional import (
     DEFAULT_BLOCK_SIZE,
+    ERROR_STATE,
     STATE_DTYPES,
     MicroAdamLayout,
     check_micro_adam_hparams,
@@ -31,7 +32,9 @@ COMPRESSED_STATE = STATE_DTYPES
 #: State keys of a parameter that is not compressed (plain AdamW).
 DENSE_STATE = ("exp_avg", "exp_avg_sq")
 #: Group settings that decide the state's layout: a checkpoint must have been written with the same.
-LAYOUT_SETTINGS = ("window", "density", "block_size", "quant_bucket", "min_compressed_numel")
+LAYOUT_SETTINGS = ("window", "density", "block_size", "quant_bucket", "min_compressed_numel", "error_feedback")
+#: Group settings added after state dicts were first written, with the value an older state dict implies.
+IMPLIED_SETTINGS = {"error_feedback": True}
 
 
 class MicroAdam(LowMemOptimizer):
@@ -79,7 +82,8 @@ class MicroAdam(LowMemOptimizer):
     block in the low half and the bf16 value in the high half: gloo and NCCL cannot gather
     int16), ``error`` uint8 ``[R, ceil(c/2)]`` (two 4-bit codes per byte), ``error_min``/``error_max``
     bf16 ``[R, ceil(c/bucket)]``: about :math:`0.5 + 4/\text{bucket} + 4m\,\text{density}` bytes
-    per parameter (0.97 to 0.98 for GPT-2 small's matrices at the defaults, 8 for fp32 AdamW).
+    per parameter (0.97 to 0.98 for GPT-2 small's matrices at the defaults, 8 for fp32 AdamW);
+    with ``error_feedback=False`` only ``window``, about :math:`4m\,\text{density}` (0.40 to 0.42).
     One-dimensional parameters and those with fewer than ``min_compressed_numel`` elements (by
     default one block, 4096: biases, norms) keep AdamW's ``exp_avg``/``exp_avg_sq`` (DTensors like
     the parameter under FSDP2) and are updated by the same functional core as AdamW
@@ -93,6 +97,10 @@ class MicroAdam(LowMemOptimizer):
         betas: :math:`(\beta_1, \beta_2)`.
         eps: :math:`\epsilon`, added to :math:`\sqrt{c_2 S}`.
         weight_decay: decoupled weight decay :math:`\lambda` (0 by default, as the official code).
+        error_feedback: keep the 4-bit error feedback (the paper's MicroAdam). ``False`` gives
+            top-k window Adam, :math:`a = g` (no :math:`e`: what top-k drops is lost), and allocates
+            no ``error``/``error_min``/``error_max``: :math:`0.5 + 4/\text{bucket}` bytes per
+            parameter less.
         window: :math:`m`, sparse gradients kept.
         density: fraction of each block kept, :math:`k = \max(1, \lceil \text{density}\cdot\text{block length}\rceil)`.
         block_size: the most coordinates of one top-k block, at most 32768 (int16 relative
@@ -128,12 +136,14 @@ class MicroAdam(LowMemOptimizer):
         block_size: int = DEFAULT_BLOCK_SIZE,
         quant_bucket: int = 64,
         *,
+        error_feedback: bool = True,
         min_compressed_numel: int | None = None,
         maximize: bool = False,
         backend: str = "auto",
     ) -> None:
         check_adam_hparams(lr, betas, eps, weight_decay)
         check_micro_adam_hparams(window, density, block_size, quant_bucket)
+        _check_error_feedback(error_feedback)
         if min_compressed_numel is None:
             min_compressed_numel = block_size
         if not (isinstance(min_compressed_numel, int) and min_compressed_numel >= 1):
@@ -148,12 +158,14 @@ class MicroAdam(LowMemOptimizer):
             density=density,
             block_size=block_size,
             quant_bucket=quant_bucket,
+            error_feedback=error_feedback,
             min_compressed_numel=min_compressed_numel,
             maximize=maximize,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_micro_adam_hparams(group["window"], group["density"], group["block_size"], group["quant_bucket"])
+            _check_error_feedback(group["error_feedback"])
             for p in group["params"]:
                 ParamSharding.of(p, transposed=False)  # raises for placements other than FSDP2's
         self.backend = backend
@@ -193,7 +205,8 @@ class MicroAdam(LowMemOptimizer):
     def _planned_bytes(self, param: torch.Tensor, group: dict[str, Any]) -> int:
         step_bytes = 4
         if self.is_compressed(param, group):
-            return self.layout_of(param, group).state_bytes(group["window"]) + step_bytes
+            layout = self.layout_of(param, group)
+            return layout.state_bytes(group["window"], group["error_feedback"]) + step_bytes
         return param.numel() * (param.element_size() + torch.empty(0, dtype=state_dtype(param)).element_size()) + step_bytes
 
     def summary(self) -> str:
@@ -245,23 +258,26 @@ class MicroAdam(LowMemOptimizer):
                 f"torch.chunk over {sharding.mesh.size()} ranks) on this rank, but its shard has {local.rows} rows; "
                 "only FSDP2's dim-0 sharding (fully_shard) is supported."
             )
-        shapes = layout.state_shapes(group["window"])
-        for key, tensor in zip(COMPRESSED_STATE, init_state(to_local(p), local, group["window"])):
-            state[key] = sharding.new_block_state(tensor, shapes[key], sharded=sharding.row_sharded)
+        shapes = layout.state_shapes(group["window"], group["error_feedback"])
+        tensors = init_state(to_local(p), local, group["window"], error_feedback=group["error_feedback"])
+        for key, tensor in zip(COMPRESSED_STATE, tensors):
+            if tensor is not None:  # the error state, without error feedback
+                state[key] = sharding.new_block_state(tensor, shapes[key], sharded=sharding.row_sharded)
         return state
 
     def _expected_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
         """Per state key (``step`` aside): the global shape, and the dtype when it is part of the format."""
         if not self.is_compressed(param, group):
             return {key: (tuple(param.shape), None) for key in DENSE_STATE}
-        shapes = self.layout_of(param, group).state_shapes(group["window"])
-        return {key: (shapes[key], dtype) for key, dtype in COMPRESSED_STATE.items()}
+        shapes = self.layout_of(param, group).state_shapes(group["window"], group["error_feedback"])
+        return {key: (shapes[key], COMPRESSED_STATE[key]) for key in shapes}
 
     def _check_param_state(self, name: str, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         expected = self._expected_state(param, group)
         keys = {"step", *expected}
         kind = "compressed" if self.is_compressed(param, group) else "AdamW (1-D or too small to compress)"
         if set(state) != keys:
+            _check_error_state(name, set(state), keys, group["error_feedback"])
             raise ValueError(
                 f"Cannot load optimizer state for {name!r}: it has the keys {sorted(state)}, but MicroAdam keeps "
                 f"{sorted(keys)} for this {kind} parameter (missing {sorted(keys - set(state))}, unexpected "
@@ -286,19 +302,32 @@ class MicroAdam(LowMemOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by a MicroAdam with the same layout settings (dtypes kept).
 
+        A state dict written before ``error_feedback`` existed has error feedback (its state holds it).
+
         Raises:
             ValueError: if a group's ``window``/``density``/``block_size``/``quant_bucket``/
-                ``min_compressed_numel`` differ, or a parameter's state does not fit (naming it and the key).
+                ``min_compressed_numel``/``error_feedback`` differ, or a parameter's state does not fit
+                (naming it and the key).
         """
         for i, (saved, group) in enumerate(zip(state_dict.get("param_groups", []), self.param_groups)):
             for key in LAYOUT_SETTINGS:
-                if key in saved and saved[key] != group[key]:
+                if key not in saved and key not in IMPLIED_SETTINGS:
+                    continue
+                value = saved.get(key, IMPLIED_SETTINGS.get(key))
+                if value != group[key]:
                     raise ValueError(
-                        f"Cannot load optimizer state: param group {i} was saved with {key}={saved[key]!r}, "
-                        f"this MicroAdam has {key}={group[key]!r}; the compressed state's layout depends on it, "
-                        f"so build the optimizer with {key}={saved[key]!r}."
+                        f"Cannot load optimizer state: param group {i} was saved with {key}={value!r}, "
+                        f"this MicroAdam has {key}={group[key]!r}; {_setting_reason(key)}, "
+                        f"so build the optimizer with {key}={value!r}."
                     )
         super().load_state_dict(state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Fill in group settings that older state dicts and pickles lack (:data:`IMPLIED_SETTINGS`)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in IMPLIED_SETTINGS.items():
+                group.setdefault(key, value)
 
     # ---- step ----------------------------------------------------------------------------------
 
@@ -327,8 +356,8 @@ class MicroAdam(LowMemOptimizer):
                 if self.is_compressed(p, group):
                     packed["params"].append(to_local(p))
                     packed["grads"].append(to_local(grad))
-                    for key in COMPRESSED_STATE:
-                        packed[key].append(to_local(state[key]))
+                    for key in COMPRESSED_STATE:  # the error state is None without error feedback
+                        packed[key].append(to_local(state[key]) if key in state else None)
                     packed["steps"].append(state["step"])
                     packed["layouts"].append(self._local_layout(p, group))
                 else:
@@ -346,6 +375,36 @@ class MicroAdam(LowMemOptimizer):
                     backend=self.backend,
                 )
         return loss
+
+
+def _setting_reason(key: str) -> str:
+    """Why a saved state needs the group setting ``key`` it was written with (for error messages)."""
+    if key == "error_feedback":
+        return f"a compressed parameter's state holds {list(ERROR_STATE)} only with error feedback"
+    return "the compressed state's layout depends on it"
+
+
+def _check_error_feedback(error_feedback: Any) -> None:
+    """Raise ``ValueError`` unless ``error_feedback`` is a bool."""
+    if not isinstance(error_feedback, bool):
+        raise ValueError(f"Invalid error_feedback: {error_feedback!r} (must be True or False).")
+
+
+def _check_error_state(name: str, saved: set[str], expected: set[str], error_feedback: bool) -> None:
+    """Raise a ``ValueError`` naming the fix when the ``saved`` and ``expected`` state keys differ by the error state.
+
+    Example: a state saved with ``error_feedback=False`` (keys ``step``, ``window``) loaded into a
+    MicroAdam with error feedback, which expects ``error``, ``error_min``, ``error_max`` too.
+    """
+    if saved ^ expected != set(ERROR_STATE):
+        return
+    saved_with = set(ERROR_STATE) <= saved
+    raise ValueError(
+        f"Cannot load optimizer state for {name!r}: it was saved {'with' if saved_with else 'without'} error "
+        f"feedback (its state {'holds' if saved_with else 'has no'} {list(ERROR_STATE)}), but this MicroAdam has "
+        f"error_feedback={error_feedback}; build the optimizer with error_feedback={saved_with} to resume, or "
+        "load only the model weights."
+    )
 
 
 def _as_float(value: float | torch.Tensor) -> float:

@@ -48,6 +48,10 @@ of their magnitude). As in the paper, the selected coordinates leave the error f
 the ``bfloat16`` rounding of :math:`V` is not fed back. Coordinates never selected in the window
 get :math:`u = 0`, and so does a coordinate with :math:`\sqrt{c_2 S} + \epsilon = 0`.
 
+Without error feedback (the three error tensors ``None``: :func:`init_state` with
+``error_feedback=False``), step 1 is :math:`a = g` and steps 3-4 are skipped: top-k window Adam,
+with :math:`0.5 + 4/\text{bucket}` bytes per coordinate less state.
+
 State per coordinate: :math:`\lceil\text{cols}/2\rceil/\text{cols} + 4\,\text{buckets}/\text{cols}
 + 4 m K/\text{cols}`, about :math:`0.5 + 4/\text{bucket} + 4 m\,\text{density}` (0.96 to 0.98 for
 the matrices of GPT-2 small at the defaults: :math:`m = 10`, 1% per block, bucket 64), against 8
@@ -90,6 +94,8 @@ MAX_BLOCK_SIZE = 32768
 QUANT_LEVELS = 15
 #: The dtypes of the compressed state, in :func:`init_state`'s order.
 STATE_DTYPES = {"window": torch.int32, "error": torch.uint8, "error_min": torch.bfloat16, "error_max": torch.bfloat16}
+#: The error-feedback part of the state: absent when MicroAdam runs without error feedback.
+ERROR_STATE = ("error", "error_min", "error_max")
 #: Bits of a window entry holding the index (the rest hold the value rounded to bf16).
 _INDEX_MASK = 0xFFFF
 _VALUE_MASK = -65536  # 0xFFFF0000 as an int32
@@ -151,25 +157,33 @@ class MicroAdamLayout(NamedTuple):
         """The layout of ``rows`` of these rows (a dim-0 shard)."""
         return self._replace(rows=rows)
 
-    def state_shapes(self, window: int) -> dict[str, tuple[int, ...]]:
-        """Shape of each compressed state tensor (keys as :data:`STATE_DTYPES`); rows are dim 0."""
-        buckets = (self.rows, self.buckets_per_row)
-        return {
-            "window": (self.rows, window, self.topk_per_row),
-            "error": (self.rows, self.packed_per_row),
-            "error_min": buckets,
-            "error_max": buckets,
-        }
+    def state_shapes(self, window: int, error_feedback: bool = True) -> dict[str, tuple[int, ...]]:
+        """Shape of each compressed state tensor (keys as :data:`STATE_DTYPES`); rows are dim 0.
 
-    def state_bytes(self, window: int) -> int:
-        """Bytes of the compressed state of the tensor (``step`` excluded).
+        Without error feedback only ``window`` is kept (:data:`ERROR_STATE` is left out).
+        """
+        shapes = {"window": (self.rows, window, self.topk_per_row)}
+        if error_feedback:
+            buckets = (self.rows, self.buckets_per_row)
+            shapes.update(error=(self.rows, self.packed_per_row), error_min=buckets, error_max=buckets)
+        return shapes
+
+    def state_bytes(self, window: int, error_feedback: bool = True) -> int:
+        r"""Bytes of the compressed state of the tensor (``step`` excluded).
+
+        Error feedback costs :math:`\lceil c/2 \rceil + 4\lceil c/\text{bucket} \rceil` bytes per row of
+        :math:`c`, about :math:`0.5 + 4/\text{bucket}` per coordinate.
 
         Example::
 
             >>> micro_adam_layout(768, 3072).state_bytes(10) / (768 * 3072)  # k = 31 of 3072 per row
             0.966145833...
+            >>> micro_adam_layout(768, 3072).state_bytes(10, error_feedback=False) / (768 * 3072)
+            0.403645833...
         """
-        per_row = self.packed_per_row + 2 * 2 * self.buckets_per_row + window * self.topk_per_row * 4
+        per_row = window * self.topk_per_row * 4
+        if error_feedback:
+            per_row += self.packed_per_row + 2 * 2 * self.buckets_per_row
         return self.rows * per_row
 
 
@@ -236,14 +250,28 @@ def micro_adam_layout(
     )
 
 
-def init_state(param: Tensor, layout: MicroAdamLayout, window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def init_state(
+    param: Tensor, layout: MicroAdamLayout, window: int, *, error_feedback: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Zero state ``(window, error, error_min, error_max)`` on ``param``'s device (:data:`STATE_DTYPES`).
 
     An empty window holds only weight-0 slots; a zero error (codes 0, min = max = 0) dequantises
-    to exactly 0.
+    to exactly 0. Without error feedback the three error tensors are ``None`` (nothing allocated),
+    which :func:`micro_adam_update_` reads as "no error feedback".
+
+    Example::
+
+        >>> layout = micro_adam_layout(2, 100, density=0.05)
+        >>> [None if t is None else tuple(t.shape) for t in init_state(torch.zeros(2, 100), layout, 4)]
+        [(2, 4, 5), (2, 50), (2, 2), (2, 2)]
+        >>> init_state(torch.zeros(2, 100), layout, 4, error_feedback=False)[1:]
+        (None, None, None)
     """
-    shapes = layout.state_shapes(window)
-    return tuple(torch.zeros(shapes[key], dtype=dtype, device=param.device) for key, dtype in STATE_DTYPES.items())
+    shapes = layout.state_shapes(window, error_feedback)
+    return tuple(
+        torch.zeros(shapes[key], dtype=dtype, device=param.device) if key in shapes else None
+        for key, dtype in STATE_DTYPES.items()
+    )
 
 
 # ---- window entries -------------------------------------------------------------------------------
@@ -519,9 +547,9 @@ def _update(
     param: Tensor,
     grad: Tensor,
     window: Tensor,
-    error: Tensor,
-    error_min: Tensor,
-    error_max: Tensor,
+    error: Tensor | None,
+    error_min: Tensor | None,
+    error_max: Tensor | None,
     step: Tensor | float,
     layout: MicroAdamLayout,
     lr: Tensor | float,
@@ -538,13 +566,18 @@ def _update(
     g = grad.reshape(rows, cols)
     if maximize:
         g = -g
-    a = parts.dequantize_add(g, error, error_min, error_max, layout)  # 1.
+    feedback = has_error_feedback(error, error_min, error_max)
+    if feedback:
+        a = parts.dequantize_add(g, error, error_min, error_max, layout)  # 1.
+    else:
+        a = g.float()  # 1. without error feedback: a = g (only read, so it may be grad itself)
     rel, values = block_topk(a, layout)  # 2.
     ages = window_ages(step, window.shape[1], device)
     slot = _newest_slot(step, window.shape[1], device)
     window.index_copy_(1, slot, pack_window_entries(rel, values).unsqueeze(1))
-    a.scatter_(1, rel + block_offsets(layout, device), 0.0)  # 3.
-    parts.quantize_into_(a, error, error_min, error_max, layout)  # 4.
+    if feedback:
+        a.scatter_(1, rel + block_offsets(layout, device), 0.0)  # 3.
+        parts.quantize_into_(a, error, error_min, error_max, layout)  # 4.
 
     param_rows = param.view(rows, cols) if param.is_contiguous() else param.reshape(rows, cols).clone()
     if weight_decay != 0:  # 5.
@@ -556,6 +589,27 @@ def _update(
         param.copy_(param_rows.view_as(param))
 
 
+def has_error_feedback(error: Tensor | None, error_min: Tensor | None, error_max: Tensor | None) -> bool:
+    """Whether a tensor's state carries error feedback: all three error tensors given, or none.
+
+    Example::
+
+        >>> has_error_feedback(None, None, None)
+        False
+
+    Raises:
+        ValueError: if only some of them are ``None``.
+    """
+    given = [t is not None for t in (error, error_min, error_max)]
+    if any(given) and not all(given):
+        missing = [name for name, ok in zip(ERROR_STATE, given) if not ok]
+        raise ValueError(
+            f"MicroAdam's error state is incomplete: {missing} missing. Pass all of {list(ERROR_STATE)} "
+            "(error feedback) or none of them (no error feedback)."
+        )
+    return all(given)
+
+
 def _newest_slot(step: Tensor | float, window: int, device: torch.device) -> Tensor:
     """The ring slot step ``step`` writes, ``(step - 1) mod window``, as a 1-element int64 tensor."""
     return ((torch.as_tensor(step, device=device).to(torch.int64) - 1) % window).view(1)
@@ -565,9 +619,9 @@ def micro_adam_update_(
     param: Tensor,
     grad: Tensor,
     window: Tensor,
-    error: Tensor,
-    error_min: Tensor,
-    error_max: Tensor,
+    error: Tensor | None,
+    error_min: Tensor | None,
+    error_max: Tensor | None,
     step: Tensor | float,
     *,
     layout: MicroAdamLayout,
@@ -586,6 +640,19 @@ def micro_adam_update_(
     ``[rows, ceil(cols/2)]``, ``error_min``/``error_max`` bf16 ``[rows, buckets]``) is updated in
     place, as is ``param``. ``lr`` and ``step`` may be Python numbers or 0-dim tensors (the
     compiled path passes tensors so nothing recompiles).
+
+    ``error``, ``error_min`` and ``error_max`` all ``None`` switch error feedback off: steps 1, 3
+    and 4 become :math:`a = g` (top-k of the gradient itself; nothing is fed back).
+
+    Example::
+
+        >>> layout = micro_adam_layout(1, 4, block_size=4, density=0.25)
+        >>> p = torch.zeros(1, 4)
+        >>> window, *_ = init_state(p, layout, 2, error_feedback=False)
+        >>> micro_adam_update_(p, torch.tensor([[0.5, -2.0, 1.0, 0.0]]), window, None, None, None, 1.0,
+        ...                    layout=layout, lr=0.1, beta1=0.9, beta2=0.999, eps=0.0, weight_decay=0.0)
+        >>> p  # step 1: sign(g) on the k = 1 largest |g|
+        tensor([[0.0000, 0.1000, 0.0000, 0.0000]])
     """
     _update(_TORCH_PARTS, param, grad, window, error, error_min, error_max, step,
             layout, lr, beta1, beta2, eps, weight_decay, maximize)
@@ -595,9 +662,9 @@ def micro_adam_update_triton_(
     param: Tensor,
     grad: Tensor,
     window: Tensor,
-    error: Tensor,
-    error_min: Tensor,
-    error_max: Tensor,
+    error: Tensor | None,
+    error_min: Tensor | None,
+    error_max: Tensor | None,
     step: Tensor | float,
     *,
     layout: MicroAdamLayout,
@@ -624,9 +691,9 @@ def micro_adam(
     params: list[Tensor],
     grads: list[Tensor],
     windows: list[Tensor],
-    errors: list[Tensor],
-    error_mins: list[Tensor],
-    error_maxs: list[Tensor],
+    errors: list[Tensor | None],
+    error_mins: list[Tensor | None],
+    error_maxs: list[Tensor | None],
     state_steps: list[Tensor],
     layouts: list[MicroAdamLayout],
     *,
@@ -641,6 +708,8 @@ def micro_adam(
     """Functional API: one MicroAdam step over lists of (local) tensors (increments ``state_steps``).
 
     Args:
+        errors, error_mins, error_maxs: per tensor, its error-feedback state, or ``None`` (all three)
+            for a tensor updated without error feedback.
         layouts: per tensor, the layout of the rows given (a shard's rows under FSDP2).
         backend: ``"torch"`` (eager reference), ``"compile"`` (``torch.compile`` of it),
             ``"triton"`` (the kernels) or ``"auto"`` (Triton for CUDA tensors when it imports,

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not block_adam_cpu.rows_kernel_available(), reas
 
 #: Every case at once: one call updates them all, like an optimizer step.
 NAMES = sorted(ENTRIES)
-#: The cases the kernel takes: fp32 tensors whose rows are not transposed.
-NATIVE = {name for name, entry in ENTRIES.items() if not entry.transposed}
+#: The cases the kernel takes: every fp32 case.
+NATIVE = set(ENTRIES)
 
 
 def _step_all(backend: str, dtype: torch.dtype, *, maximize: bool = False, reduced_means: bool = False):
@@ -64,10 +64,10 @@ def test_native_equals_reference(kernel_calls, threads, options):
             torch.testing.assert_close(g, e, **TOL[torch.float32], msg=name)
     assert [s.item() for s in steps] == [3.0] * len(NAMES)
     # one call per step, with the kernel's views: 1-D full tensors flat, 1-D tensor blocks as
-    # rows of one entry, fused QKV as its two segments (heads of 3 rows, then rows) unless it
-    # comes with reduced block means (then whole, with a denominator per row)
+    # rows of one entry, transposed ones as they are, fused QKV as its two segments (heads of 3
+    # rows, then rows) unless it comes with reduced block means (then whole, a denominator per row)
     qkv = {(15, 7)} if options.get("reduced_means") else {(9, 7), (6, 7)}
-    taken = {(6, 42), (1, 1), (1, 4097), (123, 431), (3, 2500), (4097, 1), (12, 42)} | qkv
+    taken = {(6, 42), (1, 1), (1, 4097), (123, 431), (3, 2500), (4097, 1), (12, 42), (42, 6), (7, 12)} | qkv
     assert len(kernel_calls) == 3 and all(set(call) == taken for call in kernel_calls)
 
 

@@ -145,6 +145,25 @@ def test_full_update_matches_the_reference_over_steps(shape, dtype):
         assert float((got == want).float().mean()) >= 0.99  # exact but for knife-edge roundings
 
 
+@pytest.mark.parametrize("shape", [(3, 63), (2, 4097)])
+def test_update_without_error_feedback_matches_the_reference(shape):
+    """No error state (``None``): both take the top-k of the gradient itself, over a window that wraps."""
+    layout = _layout(shape)
+    param_ref = _randn(*shape, seed=0)
+    param_tri = param_ref.clone()
+    window_ref, *errors = init_state(param_ref, layout, 3, error_feedback=False)
+    window_tri = window_ref.clone()
+    assert errors == [None, None, None]
+    hparams = dict(layout=layout, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    for step in range(1, 6):
+        grad = _randn(*shape, seed=step)
+        micro_adam_update_(param_ref, grad, window_ref, None, None, None, float(step), **hparams)
+        micro_adam_update_triton_(param_tri, grad, window_tri, None, None, None, float(step), **hparams)
+    torch.testing.assert_close(param_tri, param_ref, **TOLERANCE[torch.float32])
+    assert torch.equal(window_tri, window_ref)
+    assert not torch.equal(param_ref, _randn(*shape, seed=0))
+
+
 def test_zero_gradient_first_step_is_finite():
     """get_optimizer_state_dict's fake step: zero gradient, lr = 0, eps = 0."""
     layout = _layout((2, 4097))

@@ -63,6 +63,7 @@ def _param(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn
         ({"block_size": 65536}, r"Invalid block_size: 65536 \(must be an int in \[1, 32768\]"),
         ({"quant_bucket": 63}, "Invalid quant_bucket: 63"),
         ({"min_compressed_numel": 0}, "Invalid min_compressed_numel: 0"),
+        ({"error_feedback": 1}, r"Invalid error_feedback: 1 \(must be True or False\)"),
         ({"backend": "cuda"}, "Invalid backend 'cuda'; choose one of 'auto', 'torch', 'compile', 'triton'"),
     ],
 )
@@ -178,13 +179,14 @@ def _bf16(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).item()
 
 
-def _naive_micro_adam(p0, grads, *, cols, window, density, block, bucket, lr, beta1, beta2, eps, wd):
+def _naive_micro_adam(p0, grads, *, cols, window, density, block, bucket, lr, beta1, beta2, eps, wd, feedback=True):
     """MicroAdam with a Python loop over every coordinate, bucket and block, sums in float64.
 
     ``p0`` and the gradients are flat lists of rows of ``cols``; each row is cut into
     ceil(cols / block) blocks of ceil(cols / blocks) (the last holds the rest) and buckets of
     ``bucket`` (the last may be shorter), written out here from the definition. Rounds where the
-    format does (fp32 accumulator, bf16 values and min/max) so the selections agree.
+    format does (fp32 accumulator, bf16 values and min/max) so the selections agree. Without
+    ``feedback`` the error stays 0 (a = g).
     """
     d = len(p0)
     blocks = -(-cols // block)
@@ -202,7 +204,7 @@ def _naive_micro_adam(p0, grads, *, cols, window, density, block, bucket, lr, be
                     selected[i] = _bf16(a[i])
                     a[i] = 0.0
         ring = (ring + [selected])[-window:]
-        for row in range(0, d, cols):
+        for row in range(0, d if feedback else 0, cols):  # without feedback err stays 0
             for start in range(row, row + cols, bucket):
                 chunk = a[start : min(start + bucket, row + cols)]
                 lo, hi = _bf16(min(chunk)), _bf16(max(chunk))
@@ -220,8 +222,10 @@ def _naive_micro_adam(p0, grads, *, cols, window, density, block, bucket, lr, be
     return p
 
 
-def test_reference_matches_a_coordinate_loop():
-    """The vectorised reference equals a per-coordinate loop over 12 steps (window 4 wraps around).
+@pytest.mark.parametrize("feedback", [True, False])
+def test_reference_matches_a_coordinate_loop(feedback):
+    """The vectorised reference equals a per-coordinate loop over 12 steps (window 4 wraps around),
+    with and without error feedback.
 
     3 rows of 70: per row 3 blocks (24, 24, 22) and 9 buckets (the last of 6).
     """
@@ -230,11 +234,12 @@ def test_reference_matches_a_coordinate_loop():
     gen = torch.Generator().manual_seed(3)
     p0 = torch.randn(shape, generator=gen)
     grads = [torch.randn(shape, generator=gen) for _ in range(12)]
-    want = _naive_micro_adam(p0.view(-1).tolist(), [g.view(-1).tolist() for g in grads], cols=70, **settings)
+    want = _naive_micro_adam(p0.view(-1).tolist(), [g.view(-1).tolist() for g in grads], cols=70, **settings,
+                             feedback=feedback)
 
     param = nn.Parameter(p0.clone())
     opt = MicroAdam([param], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, window=4, density=0.1,
-                    block_size=32, quant_bucket=8, min_compressed_numel=1, backend="torch")
+                    block_size=32, quant_bucket=8, min_compressed_numel=1, backend="torch", error_feedback=feedback)
     for g in grads:
         param.grad = g.clone()
         opt.step()
@@ -296,7 +301,68 @@ def test_error_feedback_tracks_the_sum_of_gradients():
     assert bool((applied != 0).sum() > 0.2 * rows * cols)  # many coordinates were applied, not a trivial pass
 
 
+def test_error_feedback_carries_what_top_k_dropped_into_the_next_selection():
+    """One block of 4, k = 1. Step 1 keeps coordinate 0 and drops 0.9 at coordinate 1. At step 2 the
+    gradient favours coordinate 0 again (1 against 0.2), but with error feedback coordinate 1 holds
+    0.2 + 0.9 and is selected, so it moves; without error feedback it never moves, and coordinate 0
+    gets a second full entry in the window (a larger step)."""
+    grads = [torch.tensor([[1.0, 0.9, 0.0, 0.0]]), torch.tensor([[1.0, 0.2, 0.0, 0.0]])]
+    end, errors = {}, {}
+    for feedback in (True, False):
+        param = nn.Parameter(torch.zeros(1, 4))
+        opt = MicroAdam([param], lr=0.1, window=4, density=0.25, block_size=4, quant_bucket=4,
+                        min_compressed_numel=1, backend="torch", error_feedback=feedback)
+        for g in grads:
+            param.grad = g.clone()
+            opt.step()
+        end[feedback] = param.detach()[0].tolist()
+        state = opt.state[param]
+        errors[feedback] = (dequantize_4bit(state["error"], state["error_min"], state["error_max"], 4, 4)
+                            if feedback else None)
+    assert end[True][1] < 0.0 and end[False][1] == 0.0
+    assert end[False][0] < end[True][0] < 0.0
+    assert end[False][0] == pytest.approx(-0.2, abs=1e-6)  # two entries of 1: AdamW's u = 1 twice
+    # what is left after step 2: coordinate 0's gradient 1 (coordinate 1 was applied in full)
+    torch.testing.assert_close(errors[True], torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_without_error_feedback_no_error_state_is_allocated():
+    """768 x 3072 (48 buckets of 64 per row): the state is the window alone, 0.404 bytes/param instead
+    of 0.966; the difference is the packed codes and the bf16 min/max."""
+    param = nn.Parameter(torch.zeros(768, 3072))
+    with_ef = MicroAdam([param], backend="torch")
+    without = MicroAdam([param], backend="torch", error_feedback=False)
+    assert with_ef.state_bytes() - without.state_bytes() == 768 * (3072 // 2 + 2 * 2 * 48)
+    param.grad = torch.randn(768, 3072)
+    without.step()
+    state = without.state[param]
+    assert {k: v.dtype for k, v in state.items()} == {"step": torch.float32, "window": torch.int32}
+    allocated = sum(v.numel() * v.element_size() for v in state.values())
+    assert allocated == without.state_bytes()
+    assert (allocated - 4) / param.numel() == pytest.approx(0.40365, abs=1e-5)
+
+
+def test_the_error_state_is_all_or_nothing():
+    layout = micro_adam_layout(2, 100)
+    param = torch.zeros(2, 100)
+    window, error, lo, hi = init_state(param, layout, 3)
+    with pytest.raises(ValueError, match=r"error state is incomplete: \['error_min'\] missing"):
+        micro_adam_update_(param, torch.ones(2, 100), window, error, None, hi, 1.0, layout=layout, lr=0.1,
+                           beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+
+
 # ---- edge cases ----------------------------------------------------------------------------------
+
+
+def test_quantisation_of_a_known_vector_is_exact_and_packs_low_nibble_first():
+    """Values on the 4-bit grid of their bucket come back exactly; column 2i is the low nibble of byte i."""
+    codes = torch.tensor([3, 0, 15, 7, 1, 14, 8, 2])
+    lo, hi = -1.5, 3.0  # bf16-exact; step (hi - lo) / 15 = 0.3
+    x = (lo + codes * ((hi - lo) / 15)).view(1, 8)
+    packed, got_lo, got_hi = quantize_4bit(x, 8)
+    assert packed.tolist() == [[3 | 0 << 4, 15 | 7 << 4, 1 | 14 << 4, 8 | 2 << 4]]
+    assert (got_lo.item(), got_hi.item()) == (lo, hi)
+    torch.testing.assert_close(dequantize_4bit(packed, got_lo, got_hi, 8, 8), x, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("d", [1, 63, 65, 4097])
@@ -511,6 +577,56 @@ def test_loading_another_optimizers_state_names_the_parameter_and_key():
         other.load_state_dict(opt.state_dict())
 
 
+def test_checkpoints_with_and_without_error_feedback_do_not_mix():
+    """Each way round the error names the setting and the fix; a state dict whose groups predate the
+    flag holds error feedback; a state that lacks the error tensors is named as such."""
+    model, opt = _trained(error_feedback=False)
+    saved = copy.deepcopy(opt.state_dict())
+    assert set(saved["state"][0]) == {"step", "window"}
+    with_ef = MicroAdam(model, lr=1e-2, weight_decay=0.1, window=3, backend="torch")
+    with pytest.raises(ValueError, match=r"param group 0 was saved with error_feedback=False, this MicroAdam has "
+                                         r"error_feedback=True; .*only with error feedback, so build the optimizer "
+                                         r"with error_feedback=False"):
+        with_ef.load_state_dict(saved)
+
+    _, opt_ef = _trained()
+    without = MicroAdam(model, lr=1e-2, weight_decay=0.1, window=3, backend="torch", error_feedback=False)
+    with pytest.raises(ValueError, match=r"saved with error_feedback=True, this MicroAdam has error_feedback=False"):
+        without.load_state_dict(opt_ef.state_dict())
+
+    legacy = copy.deepcopy(opt_ef.state_dict())  # written before error_feedback existed
+    for group in legacy["param_groups"]:
+        del group["error_feedback"]
+    with pytest.raises(ValueError, match=r"saved with error_feedback=True, this MicroAdam has error_feedback=False"):
+        without.load_state_dict(legacy)
+    with_ef.load_state_dict(legacy)
+    assert with_ef.param_groups[0]["error_feedback"] is True
+
+    stripped = copy.deepcopy(opt_ef.state_dict())  # the groups say error feedback, the state has none
+    for state in stripped["state"].values():
+        for key in ("error", "error_min", "error_max"):
+            state.pop(key, None)
+    with pytest.raises(ValueError, match=r"for '0\.weight': it was saved without error feedback \(its state has no "
+                                         r"\['error', 'error_min', 'error_max'\]\), but this MicroAdam has "
+                                         r"error_feedback=True; build the optimizer with error_feedback=False"):
+        MicroAdam(model, lr=1e-2, weight_decay=0.1, window=3, backend="torch").load_state_dict(stripped)
+
+
+def test_state_dict_round_trip_without_error_feedback_continues_identically():
+    model, opt = _trained(error_feedback=False)
+    twin = copy.deepcopy(model)
+    twin_opt = MicroAdam(twin, lr=1e-2, weight_decay=0.1, window=3, backend="torch", error_feedback=False)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    x = torch.randn(8, 80)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert set(twin_opt.state[twin[0].weight]) == {"step", "window"}
+
+
 # ---- behaviour -----------------------------------------------------------------------------------
 
 
@@ -575,12 +691,15 @@ def test_bf16_parameters_train():
     assert losses[-1] < 0.6 * losses[0]
 
 
-def test_compile_backend_matches_the_reference():
+@pytest.mark.parametrize("feedback", [True, False])
+def test_compile_backend_matches_the_reference(feedback):
     """Compiled (no fallback to eager allowed) equals eager on rows of two blocks (2049 and 2048), odd
-    rows with a last bucket of one coordinate; the compressed state exactly."""
+    rows with a last bucket of one coordinate; the compressed state exactly. Without error feedback too
+    (``None`` error state)."""
     param, twin = _param(3, 4097), _param(3, 4097)
-    eager = MicroAdam([param], lr=1e-2, window=3, min_compressed_numel=1, backend="torch")
-    compiled = MicroAdam([twin], lr=1e-2, window=3, min_compressed_numel=1, backend="compile")
+    settings = dict(lr=1e-2, window=3, min_compressed_numel=1, error_feedback=feedback)
+    eager = MicroAdam([param], **settings, backend="torch")
+    compiled = MicroAdam([twin], **settings, backend="compile")
     for step in range(4):
         grad = _param(3, 4097, seed=step + 1).detach()
         param.grad, twin.grad = grad.clone(), grad.clone()
@@ -589,7 +708,8 @@ def test_compile_backend_matches_the_reference():
             warnings.simplefilter("error", RuntimeWarning)  # a failed compilation warns, then runs eagerly
             compiled.step()
     torch.testing.assert_close(twin, param, rtol=1e-5, atol=1e-6)
-    for key in ("window", "error", "error_min", "error_max"):
+    assert set(compiled.state[twin]) == set(eager.state[param])
+    for key in ("window", "error", "error_min", "error_max")[: 4 if feedback else 1]:
         assert torch.equal(compiled.state[twin][key], eager.state[param][key]), key
 
 

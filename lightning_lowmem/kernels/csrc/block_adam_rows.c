@@ -18,14 +18,19 @@
  *
  * Elementwise (k = 0): AdamW, v has the shape of p.
  *
+ * Transposed rows (row_stride > 0, GPT-2's Conv1D): the rows are columns of a row-major matrix
+ * whose rows are row_stride apart. Column sums need the whole gradient first, so g is read twice
+ * from memory (24 bytes per parameter); the loops still run along memory.
+ *
  * Plain C99 with `#pragma omp simd` (compile with -fopenmp-simd; no OpenMP runtime is used): the
  * caller splits the work between threads.
  */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-int64_t lowmem_block_adam_rows_abi(void) { return 2; }
+int64_t lowmem_block_adam_rows_abi(void) { return 3; }
 
 typedef struct {
     float decay, step_size, bias_correction2_sqrt, beta1, beta2, eps, grad_sign;
@@ -68,7 +73,47 @@ static float block_scale(float *v, float mean_sq, const hparams *h) {
     return -h->step_size / (sqrtf(*v) / h->bias_correction2_sqrt + h->eps);
 }
 
-void lowmem_block_adam_rows(
+static void update_with_scales(float *p, const float *g, float *m, int64_t n, const float *scales, const hparams *h) {
+    const float one_minus_beta1 = 1.0f - h->beta1;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        float m_new = m[j] + one_minus_beta1 * (h->grad_sign * g[j] - m[j]);
+        m[j] = m_new;
+        p[j] = p[j] * h->decay + scales[j] * m_new;
+    }
+}
+
+/* Rows that are the n_rows columns of a n_cols x row_stride row-major matrix, k per block.
+ * Returns 0, or -1 if the scratch row cannot be allocated. */
+static int update_transposed(float *p, const float *g, float *m, float *v, const float *denom, int64_t n_rows,
+                             int64_t n_cols, int64_t row_stride, int64_t k, const hparams *h) {
+    float *scales = malloc((size_t)n_rows * sizeof(float));
+    if (scales == NULL) return -1;
+    if (denom != NULL) {
+        for (int64_t r = 0; r < n_rows; ++r) scales[r] = -h->step_size / denom[r];
+    } else {
+        for (int64_t r = 0; r < n_rows; ++r) scales[r] = 0.0f;
+        for (int64_t i = 0; i < n_cols; ++i) {
+            const float *g_i = g + i * row_stride;
+#pragma omp simd
+            for (int64_t r = 0; r < n_rows; ++r) scales[r] += g_i[r] * g_i[r];
+        }
+        for (int64_t b = 0; b * k < n_rows; ++b) {
+            float block_sum = 0.0f;
+            for (int64_t r = b * k; r < (b + 1) * k; ++r) block_sum += scales[r];
+            float scale = block_scale(&v[b], block_sum / (float)(k * n_cols), h);
+            for (int64_t r = b * k; r < (b + 1) * k; ++r) scales[r] = scale;
+        }
+    }
+    for (int64_t i = 0; i < n_cols; ++i) {
+        update_with_scales(p + i * row_stride, g + i * row_stride, m + i * row_stride, n_rows, scales, h);
+    }
+    free(scales);
+    return 0;
+}
+
+/* Returns 0, or -1 if a transposed item could not allocate its scratch row. */
+int32_t lowmem_block_adam_rows(
     int64_t n_items,
     float *const *params,
     const float *const *grads,
@@ -78,6 +123,7 @@ void lowmem_block_adam_rows(
     const int64_t *n_rows,
     const int64_t *n_cols,
     const int64_t *rows_per_block,
+    const int64_t *row_strides,
     float decay,
     float step_size,
     float bias_correction2_sqrt,
@@ -90,6 +136,10 @@ void lowmem_block_adam_rows(
         float *p = params[item], *m = exp_avgs[item], *v = exp_avg_sqs[item];
         const float *g = grads[item], *denom = row_denoms[item];
         const int64_t cols = n_cols[item], k = rows_per_block[item];
+        if (row_strides[item] > 0) {
+            if (update_transposed(p, g, m, v, denom, n_rows[item], cols, row_strides[item], k, &h) != 0) return -1;
+            continue;
+        }
         if (k == 0) {
             update_elementwise(p, g, m, v, n_rows[item] * cols, &h);
             continue;
@@ -102,4 +152,5 @@ void lowmem_block_adam_rows(
             update_with_scale(p + offset, g + offset, m + offset, block, scale, &h);
         }
     }
+    return 0;
 }
