@@ -56,7 +56,8 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[nn.Module
         from lightning_lowmem.optim import MicroAdam
     except ImportError:
         return out
-    out["MicroAdam torch"] = ("micro_adam", lambda m: MicroAdam(m, lr=1e-4, backend="torch"))
+    for backend in ("torch", "compile"):
+        out[f"MicroAdam {backend}"] = ("micro_adam", lambda m, b=backend: MicroAdam(m, lr=1e-4, backend=b))
     return out
 
 

@@ -46,25 +46,26 @@ static float sum_sq(const float *g, int64_t n) {
 }
 
 static void update_with_scale(float *p, const float *g, float *m, int64_t n, float scale, const hparams *h) {
-    const float one_minus_beta1 = 1.0f - h->beta1;
+    const float one_minus_beta1 = 1.0f - h->beta1, sign = h->grad_sign, decay = h->decay;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-        float m_new = m[j] + one_minus_beta1 * (h->grad_sign * g[j] - m[j]);
+        float m_new = m[j] + one_minus_beta1 * (sign * g[j] - m[j]);
         m[j] = m_new;
-        p[j] = p[j] * h->decay + scale * m_new;
+        p[j] = p[j] * decay + scale * m_new;
     }
 }
 
 static void update_elementwise(float *p, const float *g, float *m, float *v, int64_t n, const hparams *h) {
-    const float one_minus_beta1 = 1.0f - h->beta1, one_minus_beta2 = 1.0f - h->beta2;
+    const float one_minus_beta1 = 1.0f - h->beta1, beta2 = h->beta2, one_minus_beta2 = 1.0f - h->beta2;
+    const float sign = h->grad_sign, decay = h->decay, step_size = h->step_size;
+    const float bias_correction2_sqrt = h->bias_correction2_sqrt, eps = h->eps;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-        float grad = h->grad_sign * g[j];
-        float m_new = m[j] + one_minus_beta1 * (grad - m[j]);
-        float v_new = h->beta2 * v[j] + one_minus_beta2 * g[j] * g[j];
+        float m_new = m[j] + one_minus_beta1 * (sign * g[j] - m[j]);
+        float v_new = beta2 * v[j] + one_minus_beta2 * g[j] * g[j];
         m[j] = m_new;
         v[j] = v_new;
-        p[j] = p[j] * h->decay - h->step_size * m_new / (sqrtf(v_new) / h->bias_correction2_sqrt + h->eps);
+        p[j] = p[j] * decay - step_size * m_new / (sqrtf(v_new) / bias_correction2_sqrt + eps);
     }
 }
 
@@ -74,12 +75,12 @@ static float block_scale(float *v, float mean_sq, const hparams *h) {
 }
 
 static void update_with_scales(float *p, const float *g, float *m, int64_t n, const float *scales, const hparams *h) {
-    const float one_minus_beta1 = 1.0f - h->beta1;
+    const float one_minus_beta1 = 1.0f - h->beta1, sign = h->grad_sign, decay = h->decay;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-        float m_new = m[j] + one_minus_beta1 * (h->grad_sign * g[j] - m[j]);
+        float m_new = m[j] + one_minus_beta1 * (sign * g[j] - m[j]);
         m[j] = m_new;
-        p[j] = p[j] * h->decay + scales[j] * m_new;
+        p[j] = p[j] * decay + scales[j] * m_new;
     }
 }
 
