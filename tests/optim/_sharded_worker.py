@@ -13,6 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 from _gloo import collectives_in, finish, init, spawn
+import lightning_lowmem.optim.functional as functional
 from lightning_lowmem.optim import BlockAdam
 from lightning_lowmem.partition import BlockPlan, BlockSpec, ParamBlocks
 
@@ -66,8 +67,8 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(STEPS, 8, 6, generator=gen), torch.randn(STEPS, 8, 5, generator=gen)
 
 
-def train(model: nn.Module, paper: bool, rank: int, world: int) -> BlockAdam:
-    opt = BlockAdam(model, lr=1e-2, weight_decay=0.1, plan=plan_for(model, paper), backend="torch")
+def train(model: nn.Module, paper: bool, rank: int, world: int, backend: str = "torch") -> BlockAdam:
+    opt = BlockAdam(model, lr=1e-2, weight_decay=0.1, plan=plan_for(model, paper), backend=backend)
     xs, ys = data()
     per_rank = xs.shape[1] // world
     for t in range(STEPS):
@@ -86,18 +87,32 @@ def count_collectives(opt: BlockAdam, model: nn.Module) -> int:
     return collectives_in(opt.step)
 
 
+KERNEL_TENSORS = []  # per call of the C kernel, the number of tensors (or segments) it was given
+
+
+def _counting(kernel):
+    def run(params, *args, **kwargs):
+        KERNEL_TENSORS.append(len(params))
+        return kernel(params, *args, **kwargs)
+    return run
+
+
 def worker(rank: int, out: str, init_file: str) -> None:
+    functional.block_adam_rows_ = _counting(functional.block_adam_rows_)
     init(rank, init_file, WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
-    for paper in (False, True):
+    # the sharded run takes each backend; the reference is always the eager one, in one process
+    for paper, backend in ((False, "torch"), (True, "torch"), (False, "native"), (True, "native")):
         torch.manual_seed(0)
         reference = Net()
         sharded = Net()
         sharded.load_state_dict(reference.state_dict())
         train(reference, paper, rank=0, world=1)
         fully_shard(sharded, mesh=mesh)
-        opt = train(sharded, paper, rank=rank, world=WORLD)
+        KERNEL_TENSORS.clear()
+        opt = train(sharded, paper, rank=rank, world=WORLD, backend=backend)
+        kernel_tensors = sum(KERNEL_TENSORS)
         diffs = {}
         for (name, p), ref in zip(sharded.named_parameters(), reference.parameters()):
             diffs[name] = (p.full_tensor() - ref.detach()).abs().max().item()
@@ -108,12 +123,13 @@ def worker(rank: int, out: str, init_file: str) -> None:
         all_dtensor = all(
             isinstance(v, DTensor) for s in opt.state.values() for k, v in s.items() if k != "step"
         )
-        results["paper" if paper else "adam_mini"] = {
+        results[("paper" if paper else "adam_mini") + ("" if backend == "torch" else "/native")] = {
             "max_diff": diffs,
             "placements": placements,
             "global_shapes": global_shapes,
             "all_dtensor": all_dtensor,
             "collectives_per_step": count_collectives(opt, sharded),
+            "kernel_tensors": kernel_tensors,
         }
     finish(rank, out, results)
 

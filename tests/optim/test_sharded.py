@@ -22,12 +22,15 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("preset", ["adam_mini", "paper"])
+@pytest.mark.parametrize("preset", ["adam_mini", "paper", "adam_mini/native", "paper/native"])
 def test_sharded_run_equals_single_process(results, preset):
     diffs = results[preset]["max_diff"]
     assert set(diffs) == {"q_proj.weight", "q_proj.bias", "qkv.weight", "fc.weight", "fc.bias", "conv.weight", "norm.weight", "norm.bias"}
     for name, diff in diffs.items():
         assert diff < 1e-5, (name, diff)
+    # with "native" the C kernel takes every tensor (fp32 local shards) at every step
+    assert results[preset]["kernel_tensors"] >= (8 * 5 if preset.endswith("/native") else 0)
+    assert preset.endswith("/native") or results[preset]["kernel_tensors"] == 0
 
 
 def test_state_is_dtensors_with_world_size_independent_global_shapes(results):
@@ -43,6 +46,6 @@ def test_state_is_dtensors_with_world_size_independent_global_shapes(results):
     assert results["paper"]["global_shapes"]["qkv.weight"] == [2 + 1 + 1]
 
 
-@pytest.mark.parametrize("preset", ["adam_mini", "paper"])
+@pytest.mark.parametrize("preset", ["adam_mini", "paper", "adam_mini/native", "paper/native"])
 def test_one_collective_per_step(results, preset):
     assert results[preset]["collectives_per_step"] == 1
