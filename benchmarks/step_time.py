@@ -12,6 +12,7 @@ Run::
 
     python benchmarks/step_time.py                 # GPT-2 small (124M parameters), CPU
     python benchmarks/step_time.py --layers 4 --width 512 --rounds 10
+    python benchmarks/step_time.py --model hf-gpt2  # transformers' GPT-2, transposed Conv1D weights
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ MIN_BYTES_PER_PARAM = {"adamw": 28, "block": 20, "micro_adam": 12}
 def make_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The model whose parameters are optimized, with fixed random gradients."""
     torch.manual_seed(0)
-    config = GPTConfig.gpt2_small(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64)
-    model = GPT(config).to(device)
+    if args.model == "hf-gpt2":  # Hugging Face's GPT-2: Conv1D weights, whose rows are columns
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64)).to(device)
+    else:
+        config = GPTConfig.gpt2_small(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64)
+        model = GPT(config).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     return model
@@ -119,6 +125,8 @@ def print_table(rows: list[dict[str, object]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=("gpt", "hf-gpt2"), default="gpt",
+                        help="the package's GPT (nn.Linear) or Hugging Face's GPT2LMHeadModel (Conv1D; needs transformers)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768, help="a multiple of 64 (head size 64)")
     parser.add_argument("--rounds", type=int, default=15)
