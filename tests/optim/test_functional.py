@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -133,3 +134,45 @@ def test_bf16_params_keep_fp32_second_moment_and_follow_fp32_run():
     assert state["exp_avg"].dtype == torch.bfloat16
     high, _ = _run(init, grads, BlockPlan([entry]), torch.float32)
     torch.testing.assert_close(low.float(), high, atol=2e-2, rtol=0)
+
+
+def _compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_compiled_path_does_not_recompile_for_a_new_lr_or_step():
+    """A scheduler's new learning rate and a growing step count reach the graph as tensors."""
+    torch.manual_seed(4)
+    entries = [ParamBlocks.single("rows", (12, 5), BlockSpec("row")), ParamBlocks.single("heads", (12, 5), BlockSpec("head", head_dim=3)),
+               ParamBlocks.single("bias", (7,), BlockSpec("full"))]
+    params = [torch.nn.Parameter(torch.randn(e.shape)) for e in entries]
+    opt = BlockAdam([(e.name, p) for e, p in zip(entries, params)], lr=1e-2, plan=BlockPlan(entries), backend="compile")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    graphs = []
+    for _ in range(5):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        scheduler.step()
+        graphs.append(_compiled_graphs())
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 4
+
+
+def test_failed_compilation_warns_once_and_runs_the_reference(monkeypatch):
+    from lightning_lowmem.kernels import dispatch
+
+    compiled = dispatch._CompiledWithFallback(lambda *args, **kwargs: None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C compiler")
+
+    calls = []
+    compiled.compiled = broken
+    compiled.fn = lambda *args, **kwargs: calls.append(args)
+    with pytest.warns(RuntimeWarning, match="failed .RuntimeError: no C compiler.; running the eager reference"):
+        compiled(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(2)
+    assert calls == [(1,), (2,)]
