@@ -101,6 +101,8 @@ def block_adam_rows_(
         if kernel(*_share_arguments(items, share), *scalars) != 0:
             raise MemoryError("The C kernel block_adam_rows could not allocate its scratch row.")
 
+    if not shares:
+        return
     pool = _pool(len(shares) - 1)
     futures = [pool.submit(run, share) for share in shares[1:]] if pool is not None else []
     run(shares[0])

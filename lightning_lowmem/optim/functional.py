@@ -359,6 +359,10 @@ def _update_rows_natively(tensors: list[list[Any]], indices: list[int], *, lr: f
     """
     rest, items = [], []
     for k, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq) in enumerate(zip(*tensors)):
+        if param.numel() == 0:  # an empty shard: only block means reduced across ranks move its (replicated) v
+            if mean_sq is not None and not layout.elementwise:
+                _row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps)
+            continue
         if not rows_kernel_supports(param, grad, exp_avg, exp_avg_sq) or (layout.transposed and param.dim() != 2):
             rest.append(indices[k])
             continue

@@ -12,6 +12,7 @@ import lightning_lowmem.optim.functional as functional
 from lightning_lowmem.kernels import block_adam_cpu, dispatch, native
 from lightning_lowmem.optim.block_adam import layout_for
 from lightning_lowmem.optim.functional import block_adam, block_mean_sq
+from lightning_lowmem.partition import BlockSpec, ParamBlocks
 
 pytestmark = pytest.mark.skipif(not block_adam_cpu.rows_kernel_available(), reason="no C compiler on this machine")
 
@@ -170,3 +171,16 @@ def test_optimizer_with_native_backend_follows_the_reference(name, kernel_calls)
     for (name_, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name_)
     assert sum(len(call) for call in kernel_calls) >= 3 * len(list(models[1].parameters()))
+
+
+def test_empty_tensors_are_skipped(kernel_calls):
+    """Empty tensors (an FSDP2 shard of a small tensor can be empty) change nothing and break nothing."""
+    shapes = [(0, 5), (4, 0), (0,)]
+    params = [torch.zeros(s) for s in shapes]
+    layouts = [layout_for(ParamBlocks.single("w", s, BlockSpec("row" if len(s) == 2 else "full")), torch.device("cpu"))
+               for s in shapes]
+    exp_avg_sqs = [torch.zeros(s[0]) if len(s) == 2 else torch.zeros(s) for s in shapes]
+    steps = [torch.tensor(0.0) for _ in shapes]
+    block_adam(params, [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes], exp_avg_sqs, steps, layouts,
+               backend="native", **HPARAMS)
+    assert [s.item() for s in steps] == [1.0] * 3 and kernel_calls == []
