@@ -262,6 +262,7 @@ if dist.get_rank() == 0:
     with open(sys.argv[2], "w") as f:
         json.dump({"all_dtensor": all_dtensor, "plan": str(sharded.lowmem_plan), "ref_plan": str(ref.lowmem_plan),
                    "details": sharded.lowmem_plan.details(), "ref_details": ref.lowmem_plan.details(), "diff": diff}, f)
+dist.barrier()  # neither rank tears gloo down while the other still talks to it
 dist.destroy_process_group()
 '''
 

@@ -452,6 +452,7 @@ def main() -> None:
         sys.stderr.flush()
         os._exit(1)  # do not wait on a peer that may be stuck in a collective
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
         torch.distributed.destroy_process_group()
 
 
