@@ -8,7 +8,7 @@ import pytest
 import torch
 from _cases import ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.py
 
-import lightning_lowmem.optim.functional as functional
+import lightning_lowmem.optim.native_rows as native_rows
 from lightning_lowmem.kernels import block_adam_cpu, dispatch, native
 from lightning_lowmem.optim.block_adam import layout_for
 from lightning_lowmem.optim.functional import block_adam, block_mean_sq
@@ -40,13 +40,13 @@ def _step_all(backend: str, dtype: torch.dtype, *, maximize: bool = False, reduc
 def kernel_calls(monkeypatch):
     """The shapes of the tensors each call hands to the C kernel."""
     calls: list[list[tuple[int, ...]]] = []
-    real = functional.block_adam_rows_
+    real = native_rows.block_adam_rows_
 
     def spy(params, *args, **kwargs):
         calls.append([tuple(p.shape) for p in params])
         return real(params, *args, **kwargs)
 
-    monkeypatch.setattr(functional, "block_adam_rows_", spy)
+    monkeypatch.setattr(native_rows, "block_adam_rows_", spy)
     return calls
 
 
@@ -106,10 +106,10 @@ def test_rows_are_split_once_evenly_and_between_blocks(threads):
 
 def test_block_segments():
     heads_then_rows = torch.tensor([0, 0, 1, 1, 2, 3, 4])
-    assert functional.block_segments(heads_then_rows) == [(0, 4, 2, 0), (4, 7, 1, 2)]
-    assert functional.block_segments(heads_then_rows) is functional.block_segments(heads_then_rows)  # cached
-    assert functional.block_segments(torch.zeros(5, dtype=torch.long)) == [(0, 5, 5, 0)]
-    assert functional.block_segments(torch.tensor([0, 1, 0])) is None  # a block that is not one run
+    assert native_rows.block_segments(heads_then_rows) == [(0, 4, 2, 0), (4, 7, 1, 2)]
+    assert native_rows.block_segments(heads_then_rows) is native_rows.block_segments(heads_then_rows)  # cached
+    assert native_rows.block_segments(torch.zeros(5, dtype=torch.long)) == [(0, 5, 5, 0)]
+    assert native_rows.block_segments(torch.tensor([0, 1, 0])) is None  # a block that is not one run
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 from _gloo import collectives_in, finish, init, spawn
-import lightning_lowmem.optim.functional as functional
+import lightning_lowmem.optim.native_rows as native_rows
 from lightning_lowmem.optim import BlockAdam
 from lightning_lowmem.partition import BlockPlan, BlockSpec, ParamBlocks
 
@@ -98,7 +98,7 @@ def _counting(kernel):
 
 
 def worker(rank: int, out: str, init_file: str) -> None:
-    functional.block_adam_rows_ = _counting(functional.block_adam_rows_)
+    native_rows.block_adam_rows_ = _counting(native_rows.block_adam_rows_)
     init(rank, init_file, WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
