@@ -39,11 +39,11 @@ class _Slice(NamedTuple):
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
     lib = load_library("block_adam_rows")
-    if lib is None or lib.lowmem_block_adam_rows_abi() != 3:
+    if lib is None or lib.lowmem_block_adam_rows_abi() != 4:
         return None
     fn = lib.lowmem_block_adam_rows
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [i64, *[ptr] * 9, f32, f32, f32, f32, f32, f32, ctypes.c_int32]
+    fn.argtypes = [i64, *[ptr] * 9, f32, f32, f32, f32, f32, f32, f32, ctypes.c_int32]
     fn.restype = ctypes.c_int32
     return fn
 
@@ -95,7 +95,8 @@ def block_adam_rows_(
     items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block, transposed))
     shapes = [(*(p.shape[::-1] if t else p.shape), max(k, 1)) for p, k, t in zip(params, rows_per_block, transposed)]
     shares = _split_rows(shapes, torch.get_num_threads())
-    scalars = (decay, step_size, bias_correction2_sqrt, beta1, beta2, eps, int(maximize))
+    # 1 - beta in double, as torch.optim does: in fp32, 1 - 0.999 would be 1.3e-5 off
+    scalars = (decay, step_size, bias_correction2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, int(maximize))
 
     def run(share: list[_Slice]) -> None:
         if kernel(*_share_arguments(items, share), *scalars) != 0:

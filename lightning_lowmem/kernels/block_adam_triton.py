@@ -1,6 +1,7 @@
 """Triton kernels of the block-Adam update (AdamMini, Eve) and their launchers.
 
-Both kernels compute in fp32 and store in the tensors' own dtypes (bf16 parameters with fp32 state
+The kernels compute in fp32 (``1 - beta`` comes computed in double on the host, as torch.optim
+does: in fp32, ``1 - 0.999`` is 1.3e-5 off) and store in the tensors' own dtypes (bf16 parameters with fp32 state
 work). Per step and entry they read ``p, g, m`` and write ``p, m`` (20 bytes for fp32), plus ``v``
 for elementwise blocks (28 bytes, AdamW):
 
@@ -40,7 +41,7 @@ _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.
 @triton.jit
 def _adam_elementwise_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, n,
-    lr, step_size, bc2_sqrt, beta1, beta2, eps, weight_decay,
+    lr, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -52,8 +53,8 @@ def _adam_elementwise_kernel(
     if MAXIMIZE:
         g = -g
     p = p * (1.0 - lr * weight_decay)
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * g * g
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
     denom = tl.sqrt(v) / bc2_sqrt + eps
     p = p + (m / denom) * (-step_size)
     store_rounded(p_ptr + offs, p, mask)
@@ -65,7 +66,7 @@ def _adam_elementwise_kernel(
 def _adam_rows_kernel(
     p_ptr, g_ptr, m_ptr, row_ptr,
     rows, cols, p_stride_r, p_stride_c, g_stride_r, g_stride_c, m_stride_r, m_stride_c,
-    lr, step_size, bc2_sqrt, beta1, beta2, eps, weight_decay, cols_f,
+    lr, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay, cols_f,
     ROW_STATS: tl.constexpr, MAXIMIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -78,7 +79,7 @@ def _adam_rows_kernel(
             g = tl.load(g_ptr + r[:, None] * g_stride_r + c[None, :] * g_stride_c, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(g * g, axis=1)
         v = tl.load(row_ptr + r, mask=row_mask, other=0.0)  # row_ptr is v: one block per row
-        v = v * beta2 + (1.0 - beta2) * (acc / cols_f)
+        v = v * beta2 + one_minus_beta2 * (acc / cols_f)
         tl.store(row_ptr + r, v, mask=row_mask)
         denom = tl.sqrt(v) / bc2_sqrt + eps
     else:
@@ -94,7 +95,7 @@ def _adam_rows_kernel(
         if MAXIMIZE:
             g = -g
         p = p * (1.0 - lr * weight_decay)
-        m = m + (1.0 - beta1) * (g - m)
+        m = m + one_minus_beta1 * (g - m)
         p = p + (m / denom[:, None]) * (-step_size)
         store_rounded(p_ptr + p_offs, p, mask)
         store_rounded(m_ptr + m_offs, m, mask)
@@ -103,7 +104,7 @@ def _adam_rows_kernel(
 @triton.jit
 def _adam_small_tensors_kernel(
     p_table, g_table, m_table, v_table, numel_table,
-    lr, step_size, bc2_sqrt, beta1, beta2, eps, weight_decay,
+    lr, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ONE_BLOCK: tl.constexpr, MAXIMIZE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -119,7 +120,7 @@ def _adam_small_tensors_kernel(
             offs = start + tl.arange(0, BLOCK)
             g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
             acc += g * g
-        v_block = tl.load(v_ptr) * beta2 + (1.0 - beta2) * (tl.sum(acc, axis=0) / n.to(tl.float32))
+        v_block = tl.load(v_ptr) * beta2 + one_minus_beta2 * (tl.sum(acc, axis=0) / n.to(tl.float32))
         tl.store(v_ptr, v_block)
         block_denom = tl.sqrt(v_block) / bc2_sqrt + eps
     for start in range(0, n, BLOCK):
@@ -131,11 +132,11 @@ def _adam_small_tensors_kernel(
         if MAXIMIZE:
             g = -g
         p = p * (1.0 - lr * weight_decay)
-        m = m + (1.0 - beta1) * (g - m)
+        m = m + one_minus_beta1 * (g - m)
         if ONE_BLOCK:
             denom = block_denom
         else:
-            v = tl.load(v_ptr + offs, mask=mask) * beta2 + (1.0 - beta2) * g * g
+            v = tl.load(v_ptr + offs, mask=mask) * beta2 + one_minus_beta2 * g * g
             tl.store(v_ptr + offs, v, mask=mask)
             denom = tl.sqrt(v) / bc2_sqrt + eps
         p = p + (m / denom) * (-step_size)
@@ -151,7 +152,7 @@ def adam_elementwise_(
     n = p.numel()
     grid = (triton.cdiv(n, _ELEMENTWISE_BLOCK),)
     _adam_elementwise_kernel[grid](
-        p, g, m, v, n, lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+        p, g, m, v, n, lr, step_size, bias_correction2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
         MAXIMIZE=maximize, BLOCK=_ELEMENTWISE_BLOCK,
     )
 
@@ -175,7 +176,7 @@ def adam_rows_(
     _adam_rows_kernel[grid](
         p, g, m, v if row_stats else denom,
         rows, ncols, p.stride(0), p.stride(1), g.stride(0), g.stride(1), m.stride(0), m.stride(1),
-        lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay, cols,
+        lr, step_size, bias_correction2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, cols,
         ROW_STATS=row_stats, MAXIMIZE=maximize, BLOCK_R=block_r, BLOCK_C=block_c,
     )
 
@@ -193,7 +194,7 @@ def adam_small_tensors_(
               for ts in (params, grads, exp_avgs, exp_avg_sqs)]
     numels = torch.tensor([p.numel() for p in params], dtype=torch.int64, device=device)
     _adam_small_tensors_kernel[(len(params),)](
-        *tables, numels, lr, step_size, bias_correction2_sqrt, beta1, beta2, eps, weight_decay,
+        *tables, numels, lr, step_size, bias_correction2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, weight_decay,
         P_DTYPE=_TRITON_DTYPES[params[0].dtype], G_DTYPE=_TRITON_DTYPES[grads[0].dtype], ONE_BLOCK=one_block,
         MAXIMIZE=maximize, BLOCK=_ELEMENTWISE_BLOCK,
     )

@@ -34,3 +34,19 @@ def make_tensors(entry: ParamBlocks, dtype: torch.dtype, seed: int = 0):
     v = torch.rand(entry.state_shape(), generator=gen, dtype=torch.float32) * 1e-6
     grads = [(torch.randn(entry.shape, generator=gen) * 1e-3).to(dtype) for _ in range(3)]
     return [t.to(DEVICE) for t in (p, m, v)], [g.to(DEVICE) for g in grads]
+
+
+def second_moments_after_steps(backend: str, beta2: float = 0.999, steps: int = 3) -> list[torch.Tensor]:
+    """``v`` of a row-block and a ``full`` tensor after ``steps`` steps of :func:`block_adam` on ``backend``."""
+    from lightning_lowmem.optim.block_adam import layout_for
+    from lightning_lowmem.optim.functional import block_adam
+
+    entries = [ENTRIES["row_123x431"], ENTRIES["full_6x42"]]
+    cases = [make_tensors(entry, torch.float32, seed=i) for i, entry in enumerate(entries)]
+    params, exp_avgs, exp_avg_sqs = ([case[0][k] for case in cases] for k in range(3))
+    layouts = [layout_for(entry, torch.device(DEVICE)) for entry in entries]
+    counters = [torch.tensor(0.0) for _ in entries]
+    for t in range(steps):
+        block_adam(params, [case[1][t] for case in cases], exp_avgs, exp_avg_sqs, counters, layouts,
+                   backend=backend, **{**HPARAMS, "beta2": beta2})
+    return exp_avg_sqs

@@ -184,3 +184,25 @@ def test_empty_tensors_are_skipped(kernel_calls):
     block_adam(params, [torch.zeros(s) for s in shapes], [torch.zeros(s) for s in shapes], exp_avg_sqs, steps, layouts,
                backend="native", **HPARAMS)
     assert [s.item() for s in steps] == [1.0] * 3 and kernel_calls == []
+
+
+def test_a_large_block_mean_is_summed_accurately():
+    """One block over a whole 1024 x 1024 tensor: its mean of g**2 as close to fp64 as torch's sum."""
+    entry = ParamBlocks.single("w", (1024, 1024), BlockSpec("tensor"))
+    layout = layout_for(entry, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.rand(entry.shape, generator=gen) + 1.0  # all positive: rounding errors do not cancel
+    exp_avg_sq = torch.zeros(1)
+    block_adam([torch.zeros(entry.shape)], [grad], [torch.zeros(entry.shape)], [exp_avg_sq], [torch.tensor(0.0)],
+               [layout], backend="native", **HPARAMS)
+    exact = (1 - HPARAMS["beta2"]) * grad.double().square().mean()
+    torch_error = abs((1 - HPARAMS["beta2"]) * grad.square().mean().double() - exact) / exact
+    assert abs(exp_avg_sq.double() - exact) / exact <= max(4 * torch_error, 1e-7)
+
+
+def test_one_minus_beta2_is_not_rounded_in_fp32():
+    """At beta2 = 0.999, ``1 - beta2`` taken in fp32 is 1.3e-5 off: v would miss the reference by that much."""
+    from _cases import second_moments_after_steps
+
+    for got, expected in zip(second_moments_after_steps("native"), second_moments_after_steps("torch")):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)

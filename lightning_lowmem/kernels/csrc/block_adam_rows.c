@@ -30,23 +30,31 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-int64_t lowmem_block_adam_rows_abi(void) { return 3; }
+int64_t lowmem_block_adam_rows_abi(void) { return 4; }
 
 typedef struct {
-    float decay, step_size, bias_correction2_sqrt, beta1, beta2, eps, grad_sign;
+    /* 1 - beta1 and 1 - beta2 come computed in double: 1 - (float)0.999 is 1.3e-5 off */
+    float decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps, grad_sign;
 } hparams;
 
-static float sum_sq(const float *g, int64_t n) {
-    float acc = 0.0f;
+/* sum(g^2) over n entries: fp32 vector sums of chunks of 4096 entries, added up in fp64, so that a
+ * block of a whole large tensor is summed about as accurately as torch.sum does. */
+static double sum_sq(const float *g, int64_t n) {
+    double total = 0.0;
+    for (int64_t start = 0; start < n; start += 4096) {
+        const int64_t stop = start + 4096 < n ? start + 4096 : n;
+        float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t j = 0; j < n; ++j) {
-        acc += g[j] * g[j];
+        for (int64_t j = start; j < stop; ++j) {
+            acc += g[j] * g[j];
+        }
+        total += acc;
     }
-    return acc;
+    return total;
 }
 
 static void update_with_scale(float *p, const float *g, float *m, int64_t n, float scale, const hparams *h) {
-    const float one_minus_beta1 = 1.0f - h->beta1, sign = h->grad_sign, decay = h->decay;
+    const float one_minus_beta1 = h->one_minus_beta1, sign = h->grad_sign, decay = h->decay;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
         float m_new = m[j] + one_minus_beta1 * (sign * g[j] - m[j]);
@@ -56,7 +64,7 @@ static void update_with_scale(float *p, const float *g, float *m, int64_t n, flo
 }
 
 static void update_elementwise(float *p, const float *g, float *m, float *v, int64_t n, const hparams *h) {
-    const float one_minus_beta1 = 1.0f - h->beta1, beta2 = h->beta2, one_minus_beta2 = 1.0f - h->beta2;
+    const float one_minus_beta1 = h->one_minus_beta1, beta2 = h->beta2, one_minus_beta2 = h->one_minus_beta2;
     const float sign = h->grad_sign, decay = h->decay, step_size = h->step_size;
     const float bias_correction2_sqrt = h->bias_correction2_sqrt, eps = h->eps;
 #pragma omp simd
@@ -70,12 +78,12 @@ static void update_elementwise(float *p, const float *g, float *m, float *v, int
 }
 
 static float block_scale(float *v, float mean_sq, const hparams *h) {
-    *v = h->beta2 * *v + (1.0f - h->beta2) * mean_sq;
+    *v = h->beta2 * *v + h->one_minus_beta2 * mean_sq;
     return -h->step_size / (sqrtf(*v) / h->bias_correction2_sqrt + h->eps);
 }
 
 static void update_with_scales(float *p, const float *g, float *m, int64_t n, const float *scales, const hparams *h) {
-    const float one_minus_beta1 = 1.0f - h->beta1, sign = h->grad_sign, decay = h->decay;
+    const float one_minus_beta1 = h->one_minus_beta1, sign = h->grad_sign, decay = h->decay;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
         float m_new = m[j] + one_minus_beta1 * (sign * g[j] - m[j]);
@@ -100,9 +108,9 @@ static int update_transposed(float *p, const float *g, float *m, float *v, const
             for (int64_t r = 0; r < n_rows; ++r) scales[r] += g_i[r] * g_i[r];
         }
         for (int64_t b = 0; b * k < n_rows; ++b) {
-            float block_sum = 0.0f;
+            double block_sum = 0.0;
             for (int64_t r = b * k; r < (b + 1) * k; ++r) block_sum += scales[r];
-            float scale = block_scale(&v[b], block_sum / (float)(k * n_cols), h);
+            float scale = block_scale(&v[b], (float)(block_sum / (double)(k * n_cols)), h);
             for (int64_t r = b * k; r < (b + 1) * k; ++r) scales[r] = scale;
         }
     }
@@ -128,11 +136,13 @@ int32_t lowmem_block_adam_rows(
     float decay,
     float step_size,
     float bias_correction2_sqrt,
-    float beta1,
+    float one_minus_beta1,
     float beta2,
+    float one_minus_beta2,
     float eps,
     int32_t maximize) {
-    const hparams h = {decay, step_size, bias_correction2_sqrt, beta1, beta2, eps, maximize ? -1.0f : 1.0f};
+    const hparams h = {decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
+                       maximize ? -1.0f : 1.0f};
     for (int64_t item = 0; item < n_items; ++item) {
         float *p = params[item], *m = exp_avgs[item], *v = exp_avg_sqs[item];
         const float *g = grads[item], *denom = row_denoms[item];
@@ -149,7 +159,7 @@ int32_t lowmem_block_adam_rows(
         for (int64_t b = 0; b * k < n_rows[item]; ++b) {
             const int64_t offset = b * block;
             float scale = denom != NULL ? -step_size / denom[b]
-                                        : block_scale(&v[b], sum_sq(g + offset, block) / (float)block, &h);
+                                        : block_scale(&v[b], (float)(sum_sq(g + offset, block) / (double)block), &h);
             update_with_scale(p + offset, g + offset, m + offset, block, scale, &h);
         }
     }
