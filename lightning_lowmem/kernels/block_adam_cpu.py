@@ -28,6 +28,8 @@ from torch import Tensor
 from lightning_lowmem.kernels.native import load_library
 
 _FLOAT_BYTES = 4
+
+
 class _Slice(NamedTuple):
     """Rows ``[start, stop)`` of item ``item`` (whole blocks)."""
 
@@ -95,6 +97,8 @@ def block_adam_rows_(
     items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block, transposed))
     shapes = [(*(p.shape[::-1] if t else p.shape), max(k, 1)) for p, k, t in zip(params, rows_per_block, transposed)]
     shares = _split_rows(shapes, torch.get_num_threads())
+    if not shares:
+        return
     # 1 - beta in double, as torch.optim does: in fp32, 1 - 0.999 would be 1.3e-5 off
     scalars = (decay, step_size, bias_correction2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, int(maximize))
 
@@ -102,8 +106,6 @@ def block_adam_rows_(
         if kernel(*_share_arguments(items, share), *scalars) != 0:
             raise MemoryError("The C kernel block_adam_rows could not allocate its scratch row.")
 
-    if not shares:
-        return
     pool = _pool(len(shares) - 1)
     futures = [pool.submit(run, share) for share in shares[1:]] if pool is not None else []
     run(shares[0])

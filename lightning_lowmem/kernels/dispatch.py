@@ -11,7 +11,7 @@ Every update exists once as a pure PyTorch function (the reference). A backend d
 * ``"triton"``: the update's Triton twin (same signature, same result), for updates that have
   one (MicroAdam). It needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before
   the kernels are first imported (slow: for tests). Triton is imported only when this is chosen;
-* ``"native"``: for AdamMini/Eve on CPUs, the package's C kernel for fp32 row blocks (one pass
+* ``"native"``: for AdamMini/Eve on CPUs, the package's C kernel for fp32 tensors (one pass
   over memory; built with the system C compiler on first use, see
   :mod:`lightning_lowmem.kernels.native`), ``"compile"`` for the other tensors and updates. Where
   the kernel cannot be built, ``"compile"`` runs instead, after ONE warning;
@@ -90,10 +90,10 @@ def resolve_update(
 
 
 def rows_kernel_wanted(backend: str, device: torch.device) -> bool:
-    """Whether AdamMini/Eve row blocks on ``device`` take the C kernel under ``backend``.
+    """Whether AdamMini/Eve tensors on ``device`` take the C kernel under ``backend``.
 
     ``"native"`` warns once where the kernel cannot be built (no C compiler), ``"auto"`` says so
-    in the log only; both then run ``"compile"``.
+    once in the log; both then run ``"compile"``.
     """
     if backend not in ("auto", "native") or device.type != "cpu":
         return False
@@ -101,19 +101,21 @@ def rows_kernel_wanted(backend: str, device: torch.device) -> bool:
 
     if rows_kernel_available():
         return True
-    if backend == "native":
-        _warn_once(
-            "The C kernel for AdamMini/Eve rows cannot be built here (no working C compiler: set $CC); "
-            "running backend='compile' instead. Pass backend='compile' to silence this."
-        )
-    else:
-        log.info("The C kernel for AdamMini/Eve rows cannot be built here; backend='auto' uses torch.compile.")
+    _say_once(
+        "The C kernel for AdamMini/Eve rows cannot be built here (no working C compiler: set $CC); "
+        f"backend={backend!r} runs 'compile' instead. Pass backend='compile' to silence this.",
+        warn=backend == "native",
+    )
     return False
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+def _say_once(message: str, warn: bool) -> None:
+    """A RuntimeWarning (``warn``) or an info log line, once per message."""
+    if warn:
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    else:
+        log.info(message)
 
 
 @functools.cache

@@ -28,9 +28,12 @@ from lightning_lowmem.optim.functional import as_rows, row_denominators_
 
 
 def update_natively(tensors: list[list[Any]], indices: list[int], *, lr: float, step_size: float,
-                          bias_correction2_sqrt: float, beta1: float, beta2: float, eps: float,
-                          weight_decay: float, maximize: bool) -> list[int]:
+                    bias_correction2_sqrt: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, maximize: bool) -> list[int]:
     """Update the tensors the C kernel takes (fp32, contiguous); return the ``indices`` of the others.
+
+    ``tensors`` are ``[params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs]`` for ``indices``
+    of the caller's lists, as in :func:`lightning_lowmem.optim.functional.block_adam`.
 
     Blocks of consecutive rows (rows, heads, tensors, segments of fused QKV) and ``full`` tensors
     go to the kernel as they are; tensors whose block means were reduced across ranks update their
@@ -78,7 +81,8 @@ _SEGMENTS: dict[int, tuple[weakref.ref, list[tuple[int, int, int, int]] | None]]
 
 def block_segments(group_index: Tensor) -> list[tuple[int, int, int, int]] | None:
     """Runs of equal blocks in a ``group_index`` (block of each row), as ``(start row, stop row,
-    rows per block, first block)``; ``None`` unless block ``b`` is rows ``b``'s consecutive run.
+    rows per block, first block)``; ``None`` if the blocks are not consecutive runs of rows
+    numbered in order (the general case, left to the other backends).
 
     Example: heads of 2 rows then 3 single rows, ``[0, 0, 1, 1, 2, 3, 4]`` ->
     ``[(0, 4, 2, 0), (4, 7, 1, 2)]``.

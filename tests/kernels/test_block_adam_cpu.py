@@ -116,7 +116,7 @@ def test_block_segments():
 def fresh_build(monkeypatch, tmp_path):
     """An empty kernel cache, and no library loaded yet in this process (restored afterwards)."""
     monkeypatch.setenv("LIGHTNING_LOWMEM_CACHE", str(tmp_path))
-    caches = (native.load_library, block_adam_cpu._kernel, dispatch._warn_once)
+    caches = (native.load_library, block_adam_cpu._kernel, dispatch._say_once)
     for cache in caches:
         cache.cache_clear()
     yield tmp_path
