@@ -24,13 +24,13 @@ from torch import nn
 from lightning_lowmem.partition.plan import BlockPlan
 from lightning_lowmem.partition.presets import PRESET_TABLES, Preset
 from lightning_lowmem.partition.spec import BlockSpec, ParamBlocks
-from lightning_lowmem.partition.structure import ParamInfo, describe_parameters
+from lightning_lowmem.partition.structure import ParamInfo, Part, describe_parameters
 
 #: Names of the presets :func:`build_plan` accepts.
 PRESETS = tuple(PRESET_TABLES)
 
 #: ``{regex: spec}`` or ``[(regex, spec), ...]`` (a regex may be pre-compiled); a spec is anything
-#: :meth:`BlockSpec.parse` reads.
+#: :meth:`BlockSpec.parse` reads, or a pattern ``{"segments": [(spec, rows), ...], "repeat": n}``.
 Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
 
 _NAMES_SHOWN = 5
@@ -38,11 +38,26 @@ _NAMES_SHOWN = 5
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """A user rule: parameters whose name (or an alias) ``re.search``-matches ``pattern`` get ``spec``."""
+    """A user rule: parameters whose name (or an alias) ``re.search``-matches ``pattern`` get
+    ``segments`` (one period of rows, ``None`` rows for "all of them") repeated ``repeat`` times."""
 
     pattern: str
     regex: re.Pattern[str]
-    spec: BlockSpec
+    segments: tuple[tuple[BlockSpec, int | None], ...]
+    repeat: int = 1
+
+    @property
+    def spec(self) -> BlockSpec | dict[str, Any]:
+        """The rule's spec as written: a :class:`BlockSpec`, or a pattern in its canonical mapping form."""
+        if self.segments[0][1] is None:
+            return self.segments[0][0]
+        return {"segments": [[str(spec), rows] for spec, rows in self.segments], "repeat": self.repeat}
+
+    def __str__(self) -> str:
+        if self.segments[0][1] is None:
+            return str(self.segments[0][0])
+        period = ", ".join(f"{spec}x{rows}" for spec, rows in self.segments)
+        return f"[{period}] x {self.repeat}"
 
     def matches(self, info: ParamInfo) -> bool:
         """Whether the rule matches the parameter's name or one of its aliases."""
@@ -196,11 +211,31 @@ def compile_rules(rules: Rules | None) -> list[Rule]:
                 f"A rule's pattern must be a regex string, got {pattern!r} of type {type(pattern).__name__}."
             )
         try:
-            parsed = BlockSpec.parse(spec)
+            segments, repeat = _parse_rule_spec(spec)
         except ValueError as err:
             raise ValueError(f"Rule {_show(pattern)}: {err}") from None
-        compiled.append(Rule(pattern, regex, parsed))
+        compiled.append(Rule(pattern, regex, segments, repeat))
     return compiled
+
+
+def _parse_rule_spec(value: Any) -> tuple[tuple[tuple[BlockSpec, int | None], ...], int]:
+    """A spec over all rows, or a pattern ``{"segments": [(spec, rows), ...], "repeat": n}``."""
+    if not (isinstance(value, Mapping) and "segments" in value):
+        return ((BlockSpec.parse(value), None),), 1
+    unknown = set(value) - {"segments", "repeat"}
+    repeat = value.get("repeat", 1)
+    if unknown or not isinstance(repeat, int) or isinstance(repeat, bool) or repeat < 1:
+        raise ValueError(
+            f"A pattern takes 'segments' (a list of (spec, rows) pairs) and a positive int 'repeat', got {dict(value)}."
+        )
+    segments = []
+    for pair in value["segments"]:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[1], int) or pair[1] < 1:
+            raise ValueError(f"Each segment of a pattern is a (spec, rows) pair with rows >= 1, got {pair!r}.")
+        segments.append((BlockSpec.parse(pair[0]), pair[1]))
+    if not segments:
+        raise ValueError("A pattern needs at least one segment.")
+    return tuple(segments), repeat
 
 
 def _assemble(
@@ -217,7 +252,7 @@ def _assemble(
             continue
         entry = ParamBlocks(
             info.name, info.shape, preset.segments(info), transposed=info.transposed, role=info.role,
-            aliases=info.aliases,
+            aliases=info.aliases, repeat=info.repeat, bank_dims=info.bank_dims,
         )
         entries.append(entry)
         if info.fallback is not None:
@@ -234,14 +269,20 @@ def _show(pattern: str) -> str:
 
 
 def _from_rule(info: ParamInfo, rule: Rule) -> ParamBlocks:
-    """One segment with the rule's spec over the whole parameter; the role is kept."""
+    """The rule's segments over the parameter's rows, per bank (expert); the role is kept."""
     try:
-        return ParamBlocks.single(
-            info.name, info.shape, rule.spec, transposed=info.transposed, role=info.role, aliases=info.aliases
+        if rule.segments[0][1] is None:
+            return ParamBlocks.single(
+                info.name, info.shape, rule.segments[0][0], transposed=info.transposed, role=info.role,
+                aliases=info.aliases, bank_dims=info.bank_dims,
+            )
+        return ParamBlocks(
+            info.name, info.shape, rule.segments, transposed=info.transposed, role=info.role, aliases=info.aliases,
+            repeat=rule.repeat, bank_dims=info.bank_dims,
         )
     except ValueError as err:
         raise ValueError(
-            f"Rule {_show(rule.pattern)} -> {rule.spec} does not fit {err} "
+            f"Rule {_show(rule.pattern)} -> {rule} does not fit {err} "
             "Give that rule a head_dim that divides the rows, or a regex that leaves this parameter out."
         ) from None
 
@@ -265,16 +306,26 @@ def _unused_rule_message(rule: Rule, infos: list[ParamInfo], frozen: list[str]) 
 def _fallback_message(fallbacks: list[tuple[ParamInfo, ParamBlocks]], caller: str) -> str:
     """One message naming every parameter that got a fallback spec, and how to silence it."""
     lines = [
-        f"  {info.name} {list(info.shape)} -> {'|'.join(str(s) for s, _ in entry.segments)}: {info.fallback}"
-        for info, entry in fallbacks
+        f"  {info.name} {list(info.shape)} -> {_describe_blocks(entry)}: {info.fallback}" for info, entry in fallbacks
     ]
     example = re.escape(fallbacks[0][0].name)
     return (
-        f"{caller}: {len(fallbacks)} parameter(s) were not understood and use the preset's fallback blocks:\n"
+        f"{caller}: {len(fallbacks)} parameter(s) were not understood for sure and use the preset's fallback "
+        "blocks:\n"
         + "\n".join(lines)
         + f"\nGive them a rule to choose their blocks and silence this warning, e.g. "
         f"rules={{r'^{example}$': 'tensor'}}."
     )
+
+
+def _describe_blocks(entry: ParamBlocks) -> str:
+    """``row``, ``head:64|row``, ``row per expert``: what a parameter got, for the warning."""
+    text = "|".join(str(s) for s, _ in entry.segments)
+    if entry.repeat > 1:
+        text = f"[{text}] x {entry.repeat}"
+    if entry.bank_dims:
+        text += f" per slice of dims 0..{entry.bank_dims - 1}"
+    return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,4 +405,5 @@ def _fused_by_name(name: str, shape: tuple[int, ...], head_dim: int | None) -> P
     third = rows // 3
     if head_dim is None or rows % 3 or third % head_dim:
         return ParamInfo(name, shape, "linear", transposed=transposed)
-    return ParamInfo(name, shape, "qkv", transposed=transposed, head_dim=head_dim, qkv_rows=(third, third, third))
+    parts = (Part("query", third, head_dim), Part("key", third, head_dim), Part("value", third))
+    return ParamInfo(name, shape, "qkv", transposed=transposed, head_dim=head_dim, parts=parts)

@@ -20,7 +20,9 @@ conv, other        tensor       tensor           full
 ``adam_mini`` follows the reference implementation (v1.1), ``adam_mini_paper`` the paper's
 Algorithms 2-4, ``eve`` gives every weight used as a Linear one value per output row and keeps the
 rest elementwise. A ``head`` kind uses the parameter's ``head_dim``; where none is known (the
-name-only fallback without ``head_dim``) it becomes ``row``.
+name-only fallback without ``head_dim``) it becomes ``row``. The parts of a fused projection (Q, K,
+V, and MLA's latent, a ``linear`` part) take the kinds of their roles; an expert bank takes its
+role's kind per expert.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from lightning_lowmem.partition.structure import ROLES, ParamInfo
 
 Segments = tuple[tuple[BlockSpec, int], ...]
 
+#: Roles of the parts a fused projection is cut into.
+PART_ROLES = ("query", "key", "value", "linear")
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -43,28 +48,33 @@ class Preset:
         name: the preset's name (shown in the plan's title).
         roles: block kind (``"full"``, ``"row"``, ``"head"``, ``"tensor"``) of each role in
             :data:`~lightning_lowmem.partition.structure.ROLES`.
-        qkv: kinds of the Q, K and V segments of a fused projection.
 
     Raises:
-        ValueError: if a role of ``ROLES`` has no kind, or ``qkv`` puts ``full`` on one segment.
+        ValueError: if a role of ``ROLES`` has no kind, or a role a fused projection is cut into
+            (``query``, ``key``, ``value``, ``linear``) is ``full``.
     """
 
     name: str
     roles: Mapping[str, str]
-    qkv: tuple[str, str, str]
 
     def __post_init__(self) -> None:
         missing = [role for role in ROLES if role not in self.roles]
         if missing:
             raise ValueError(f"Preset {self.name!r} gives no block kind for the roles {missing}; add them.")
-        if "full" in self.qkv:
-            raise ValueError(f"Preset {self.name!r}: a fused QKV segment cannot be 'full', got {self.qkv}.")
+        full = [role for role in PART_ROLES if self.roles[role] == "full"]
+        if full:
+            raise ValueError(f"Preset {self.name!r}: a part of a fused projection cannot be 'full', got it for {full}.")
         object.__setattr__(self, "roles", MappingProxyType(dict(self.roles)))
 
+    @property
+    def qkv(self) -> tuple[str, str, str]:
+        """Kinds of the Q, K and V parts of a fused projection."""
+        return self.roles["query"], self.roles["key"], self.roles["value"]
+
     def segments(self, info: ParamInfo) -> Segments:
-        """The ``(spec, rows)`` segments of a described parameter under this preset."""
-        if info.role == "qkv" and info.qkv_rows is not None:
-            return tuple((_spec(kind, info.head_dim), rows) for kind, rows in zip(self.qkv, info.qkv_rows, strict=True))
+        """The ``(spec, rows)`` segments of one period of a described parameter under this preset."""
+        if info.parts:
+            return tuple((_spec(self.roles[part.role], part.head_dim), part.rows) for part in info.parts)
         return ((_spec(self.roles[info.role], info.head_dim), _rows(info)),)
 
 
@@ -76,10 +86,10 @@ def _spec(kind: str, head_dim: int | None) -> BlockSpec:
 
 
 def _rows(info: ParamInfo) -> int:
-    """Output rows of the parameter (``ParamBlocks``' convention: 1 for a 0-dim tensor)."""
+    """Output rows of one bank of the parameter (``ParamBlocks``' convention: 1 for a 0-dim tensor)."""
     if not info.shape:
         return 1
-    return info.shape[1] if info.transposed else info.shape[0]
+    return info.shape[-1] if info.transposed else info.shape[info.bank_dims]
 
 
 def _table(default: str, **kinds: str) -> dict[str, str]:
@@ -90,18 +100,15 @@ def _table(default: str, **kinds: str) -> dict[str, str]:
 ADAM_MINI = Preset(
     "adam_mini",
     _table("row", query="head", key="head", bias="full", norm="tensor", conv="tensor", other="tensor"),
-    qkv=("head", "head", "row"),
 )
 ADAM_MINI_PAPER = Preset(
     "adam_mini_paper",
     _table("tensor", query="head", key="head", embedding="full", output="full", tied_embedding="full"),
-    qkv=("head", "head", "tensor"),
 )
 EVE = Preset(
     "eve",
     _table("full", query="row", key="row", value="row", qkv="row", attn_out="row", mlp="row", linear="row",
            output="row", tied_embedding="row"),
-    qkv=("row", "row", "row"),
 )
 
 #: The presets by name.

@@ -15,12 +15,22 @@ kind          one ``v`` per                                 ``v`` entries
 
 Fused projections (``in_proj_weight``, ``c_attn``, ``qkv``) are split along their rows into
 *segments* (Q, K, V), each with its own spec; a ``full`` spec always covers a whole parameter.
+Interleaved and grouped layouts are a *pattern*: the segments describe one period of rows, repeated
+``repeat`` times (GPT-NeoX's ``[heads, 3, head_dim]`` is the period ``Q, K, V`` of ``head_dim`` rows
+each, repeated ``heads`` times). Parameters of any rank have leading *bank* dims whose slices never
+share a block (the experts of a ``[E, out, in]`` bank, the leading 1 of a ``[1, N, D]`` table).
 
 Example::
 
     >>> spec = BlockSpec.parse("head:64")
     >>> spec.num_blocks(rows=768)
     12
+    >>> neox = ParamBlocks("qkv", (3 * 768, 768), ((spec, 64), (spec, 64), (BlockSpec("row"), 64)), repeat=12)
+    >>> neox.state_numel                      # 12 Q heads, 12 K heads, 768 V rows
+    792
+    >>> bank = ParamBlocks.single("experts.down_proj", (8, 4096, 14336), BlockSpec("row"), bank_dims=1)
+    >>> bank.state_shape()                    # one value per output row of each expert
+    (8, 4096)
 """
 
 from __future__ import annotations
@@ -116,11 +126,19 @@ class ParamBlocks:
     Args:
         name: fully-qualified parameter name (the first one, for tied weights).
         shape: the global shape (a DTensor's ``.shape``, a meta tensor's shape).
-        segments: ``(spec, rows)`` pairs covering the rows in order; one pair for most parameters.
-        transposed: the output rows are dim 1 (GPT-2's ``Conv1D`` stores ``[in, out]``).
+        segments: ``(spec, rows)`` pairs covering one period of rows in order; one pair for most
+            parameters.
+        transposed: the output rows are the last dim (GPT-2's ``Conv1D`` stores ``[in, out]``,
+            GPT-OSS's expert banks ``[E, in, out]``).
         role: what the parameter is (``"query"``, ``"mlp"``, ``"norm"``, ``"bias"``, ...), used
             for weight-decay groups and the plan table.
         aliases: other names of the same tensor (tied weights).
+        repeat: the segments are one period, repeated this many times over the rows of a bank; a
+            ``tensor`` segment is one block over all its periods, ``row``/``head`` blocks are new
+            in each period.
+        bank_dims: leading dims whose slices (experts) are independent: the layout applies to
+            each slice and no block spans two. The rows are the next dim (the last when
+            ``transposed``); the dims after the rows are reduced.
 
     Raises:
         ValueError: if the segments do not cover the rows or a ``head_dim`` does not divide them.
@@ -132,16 +150,26 @@ class ParamBlocks:
     transposed: bool = False
     role: str = "other"
     aliases: tuple[str, ...] = ()
+    repeat: int = 1
+    bank_dims: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if self.transposed and len(self.shape) != 2:
-            raise ValueError(f"{self.name}: only 2-D weights can be transposed, got shape {self.shape}.")
-        covered = sum(rows for _, rows in self.segments)
-        if covered != self.rows:
+        if self.transposed and len(self.shape) != self.bank_dims + 2:
             raise ValueError(
-                f"{self.name}: segments cover {covered} rows but the parameter has {self.rows} "
-                f"(shape {list(self.shape)}, transposed={self.transposed})."
+                f"{self.name}: only 2-D weights (after {self.bank_dims} bank dims) can be transposed, "
+                f"got shape {self.shape}."
+            )
+        if not 0 <= self.bank_dims < max(len(self.shape), 1) or (self.bank_dims and not self.shape):
+            raise ValueError(f"{self.name}: bank_dims={self.bank_dims} leaves no row dim in shape {list(self.shape)}.")
+        if not isinstance(self.repeat, int) or self.repeat < 1:
+            raise ValueError(f"{self.name}: repeat must be a positive integer, got {self.repeat!r}.")
+        covered = sum(rows for _, rows in self.segments) * self.repeat
+        if covered != self.bank_rows:
+            times = f" x {self.repeat} periods" if self.repeat > 1 else ""
+            raise ValueError(
+                f"{self.name}: segments cover {covered // self.repeat} rows{times} but the parameter has "
+                f"{self.bank_rows} (shape {list(self.shape)}, transposed={self.transposed}, bank_dims={self.bank_dims})."
             )
         kinds = {spec.kind for spec, _ in self.segments}
         if "full" in kinds and len(self.segments) > 1:
@@ -156,13 +184,23 @@ class ParamBlocks:
     def single(cls, name: str, shape: Any, spec: BlockSpec, **kwargs: Any) -> ParamBlocks:
         """A parameter with one spec over all its rows."""
         shape = tuple(int(s) for s in shape)
-        transposed = kwargs.get("transposed", False)
-        rows = _rows_of(shape, transposed)
+        rows = _rows_of(shape, kwargs.get("transposed", False), kwargs.get("bank_dims", 0))
         return cls(name, shape, ((spec, rows),), **kwargs)
 
     @property
+    def banks(self) -> int:
+        """Independent slices (experts): the product of the bank dims, 1 without them."""
+        return math.prod(self.shape[: self.bank_dims])
+
+    @property
+    def bank_rows(self) -> int:
+        """Output rows of one bank."""
+        return _rows_of(self.shape, self.transposed, self.bank_dims)
+
+    @property
     def rows(self) -> int:
-        return _rows_of(self.shape, self.transposed)
+        """Output rows of the whole parameter (all banks): the rows of its ``rows x cols`` view."""
+        return self.banks * self.bank_rows
 
     @property
     def cols(self) -> int:
@@ -185,44 +223,71 @@ class ParamBlocks:
     @property
     def state_numel(self) -> int:
         """Entries of the second moment ``v``."""
-        return sum(spec.num_blocks(rows, self.cols) for spec, rows in self.segments)
+        return sum(counts[2] for counts in self.counts_by_kind().values())
 
     def state_shape(self) -> tuple[int, ...]:
-        """Shape of ``v``: the parameter's shape for ``full``, else ``(num_blocks,)``."""
-        return self.shape if self.is_full else (self.state_numel,)
+        """Shape of ``v``: the parameter's shape for ``full``, else ``(*bank dims, blocks per bank)``
+        (a bank's blocks stay with it when FSDP2 shards the bank dim)."""
+        if self.is_full:
+            return self.shape
+        return (*self.shape[: self.bank_dims], self.state_numel // self.banks)
+
+    def _segment_blocks(self, spec: BlockSpec, rows: int) -> int:
+        """Blocks of one segment over all its periods in one bank (a ``tensor`` segment is one block)."""
+        return 1 if spec.kind == "tensor" else self.repeat * spec.num_blocks(rows, self.cols)
 
     def counts_by_kind(self) -> dict[str, tuple[int, int, int]]:
-        """``kind -> (blocks, parameters, v entries)`` over the segments."""
+        """``kind -> (blocks, parameters, v entries)`` over the segments, periods and banks."""
         out: dict[str, tuple[int, int, int]] = {}
         for spec, rows in self.segments:
-            blocks = spec.num_blocks(rows, self.cols)
+            blocks = self.rows * self.cols if spec.kind == "full" else self.banks * self._segment_blocks(spec, rows)
+            params = self.banks * self.repeat * rows * self.cols
             b, p, v = out.get(spec.kind, (0, 0, 0))
-            out[spec.kind] = (b + blocks, p + rows * self.cols, v + blocks)
+            out[spec.kind] = (b + blocks, p + params, v + blocks)
         return out
 
+    def _bank_blocks(self) -> tuple[list[int], list[int]]:
+        """For one bank: the block of each row, and the rows of each block. Blocks are numbered in
+        the order of their first row, so a layout without shared ``tensor`` segments numbers its
+        blocks in row order."""
+        index: list[int] = []
+        sizes: list[int] = []
+        shared: dict[int, int] = {}
+        for _ in range(self.repeat):
+            for position, (spec, rows) in enumerate(self.segments):
+                if spec.kind == "tensor":
+                    if position not in shared:
+                        shared[position] = len(sizes)
+                        sizes.append(0)
+                    index.extend([shared[position]] * rows)
+                    sizes[shared[position]] += rows
+                    continue
+                per_block = spec.head_dim if spec.kind == "head" else 1
+                for _ in range(rows // per_block):
+                    index.extend([len(sizes)] * per_block)
+                    sizes.append(per_block)
+        return index, sizes
+
     def group_sizes(self) -> list[int]:
-        """Rows in each second-moment group, in row order (not defined for ``full``)."""
+        """Rows in each second-moment group, in block order (not defined for ``full``)."""
         if self.is_full:
             raise ValueError(f"{self.name}: a 'full' parameter has no row groups.")
-        sizes: list[int] = []
-        for spec, rows in self.segments:
-            if spec.kind == "row":
-                sizes.extend([1] * rows)
-            elif spec.kind == "head":
-                sizes.extend([spec.head_dim] * (rows // spec.head_dim))
-            else:
-                sizes.append(rows)
-        return sizes
+        return self._bank_blocks()[1] * self.banks
 
     def group_index(self, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """For each row, the index of its second-moment group; ``None`` when every row is its own group."""
-        sizes = self.group_sizes()
-        if len(sizes) == self.rows:
+        """For each row of the ``rows x cols`` view (banks first), the index of its second-moment
+        group; ``None`` when every row is its own group, in order."""
+        if self.is_full:
+            raise ValueError(f"{self.name}: a 'full' parameter has no row groups.")
+        index, sizes = self._bank_blocks()
+        if len(sizes) == self.bank_rows:
             return None
-        return torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))
+        bank = torch.tensor(index, device=device)
+        offsets = torch.arange(self.banks, device=device).unsqueeze(1) * len(sizes)
+        return (bank.unsqueeze(0) + offsets).reshape(-1)
 
 
-def _rows_of(shape: tuple[int, ...], transposed: bool) -> int:
+def _rows_of(shape: tuple[int, ...], transposed: bool, bank_dims: int = 0) -> int:
     if len(shape) == 0:
         return 1
-    return shape[1] if transposed else shape[0]
+    return shape[-1] if transposed else shape[bank_dims]

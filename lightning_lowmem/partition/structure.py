@@ -21,10 +21,44 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from torch import nn
+
+from lightning_lowmem.partition.attention import FUSED_QKV_NAMES, QKV_FAMILIES, is_attention, read_attention
+from lightning_lowmem.partition.modules import (
+    CONV_TYPES,
+    EMBEDDING_TYPES,
+    HeadCounts,
+    Part,
+    Projection,
+    class_names,
+    find_head_counts,
+    fused_qkv_rows,
+    is_conv1d_transposed,
+    is_linear_like,
+    is_norm,
+    output_rows,
+    resolve_head_dim,
+)
+from lightning_lowmem.partition.moe import describe_expert_parameter
+
+__all__ = [
+    "FUSED_QKV_NAMES",
+    "NO_DECAY_ROLES",
+    "QKV_FAMILIES",
+    "ROLES",
+    "HeadCounts",
+    "ParamInfo",
+    "Part",
+    "describe_parameters",
+    "find_head_counts",
+    "fused_qkv_rows",
+    "is_conv1d_transposed",
+    "is_linear_like",
+    "output_rows",
+    "resolve_head_dim",
+]
 
 #: Every role :func:`describe_parameters` can give a parameter.
 ROLES = (
@@ -47,60 +81,14 @@ ROLES = (
 #: Roles that get no weight decay in the default parameter groups.
 NO_DECAY_ROLES = ("bias", "norm", "embedding", "tied_embedding")
 
-# Attribute names that carry head counts, looked up on the attention module, then on a `config`.
-HEAD_DIM_ATTRS = ("head_dim", "head_size", "attention_head_size")
-NUM_HEADS_ATTRS = ("num_heads", "n_head", "n_heads", "num_attention_heads", "nhead")
-NUM_KV_HEADS_ATTRS = ("num_key_value_heads", "n_kv_head", "n_kv_heads", "num_kv_heads")
-
-# Child-module names of separate Q/K/V projections, by naming family; Q and K must both be present.
-QKV_FAMILIES = (
-    ("q_proj", "k_proj", "v_proj"),
-    ("query", "key", "value"),
-    ("wq", "wk", "wv"),
-    ("q", "k", "v"),  # T5
-    ("q_lin", "k_lin", "v_lin"),  # DistilBERT
-)
-# Child-module names of a fused projection whose rows are Q, K, V in this order. (GPT-NeoX's
-# `query_key_value` interleaves heads, so it is deliberately not here.)
-FUSED_QKV_NAMES = frozenset({"qkv", "c_attn", "Wqkv", "qkv_proj", "in_proj"})
 # Child-module names of an attention output projection (next to Q/K/V or a fused projection).
 ATTN_OUT_NAMES = frozenset({"o_proj", "out_proj", "dense", "wo", "o", "out_lin", "c_proj"})
 # A module containing children with these names is an MLP.
 MLP_CHILD_NAMES = frozenset({"c_fc", "c_proj", "fc1", "fc2", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"})
 MLP_CLASS_PATTERN = re.compile(r"mlp|feedforward|ffn", re.IGNORECASE)
-NORM_CLASS_PATTERN = re.compile(r"Norm(\dd)?$")
 ATTENTION_CLASS_PATTERN = re.compile(r"attention", re.IGNORECASE)
-
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
-
-
-@dataclasses.dataclass(frozen=True)
-class HeadCounts:
-    """Attention head counts found on a module or its config; ``None`` where not found."""
-
-    num_heads: int | None = None
-    num_kv_heads: int | None = None
-    head_dim: int | None = None
+# A module class that holds learned tables added to the input (ViT's ``position_embeddings``).
+EMBEDDINGS_CLASS_PATTERN = re.compile(r"Embedding", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +98,15 @@ class ParamInfo:
     Args:
         name: the first fully-qualified name ``named_parameters()`` gives.
         shape: the global shape.
-        role: one of :data:`ROLES`.
+        role: one of :data:`ROLES` (``"qkv"`` for a projection of several parts).
         aliases: the other names of the same tensor (tied weights).
-        transposed: the output rows are dim 1 (GPT-2's ``Conv1D``).
-        head_dim: rows per attention head, for ``query``, ``key`` and ``qkv``.
-        qkv_rows: rows of the Q, K and V segments, for ``qkv``.
-        fallback: why the structure could not place the parameter (it gets the preset's fallback
-            spec and is listed in a warning); ``None`` when it was understood.
+        transposed: the output rows are the last dim (GPT-2's ``Conv1D``, GPT-OSS's expert banks).
+        head_dim: rows per attention head, for ``query`` and ``key``.
+        parts: for a fused projection, the parts of one period of its rows (Q, K, V, a latent).
+        repeat: periods of ``parts`` over the rows (heads of GPT-NeoX's ``[heads, 3, head_dim]``).
+        bank_dims: leading dims whose slices never share a block (experts; the 1 of ``[1, N, D]``).
+        fallback: why the structure could not place the parameter with certainty (it is listed in
+            a warning with the blocks it got); ``None`` when it was understood.
     """
 
     name: str
@@ -125,8 +115,18 @@ class ParamInfo:
     aliases: tuple[str, ...] = ()
     transposed: bool = False
     head_dim: int | None = None
-    qkv_rows: tuple[int, int, int] | None = None
+    parts: tuple[Part, ...] = ()
+    repeat: int = 1
+    bank_dims: int = 0
     fallback: str | None = None
+
+    @property
+    def qkv_rows(self) -> tuple[int, int, int] | None:
+        """Rows of Q, K and V of a fused projection, over all its periods; ``None`` otherwise."""
+        if not self.parts:
+            return None
+        rows = {role: self.repeat * sum(p.rows for p in self.parts if p.role == role) for role in ("query", "key", "value")}
+        return rows["query"], rows["key"], rows["value"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,113 +136,6 @@ class _Usage:
     module_path: str
     module: nn.Module
     attr: str
-
-
-def class_names(module: nn.Module) -> tuple[str, ...]:
-    """Names of the module's class and its bases (robust to FSDP2's ``FSDP<Name>`` classes)."""
-    return tuple(cls.__name__ for cls in type(module).__mro__)
-
-
-def is_conv1d_transposed(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' ``Conv1D`` (weight stored ``[in, out]``, ``nf`` outputs)."""
-    return "Conv1D" in class_names(module) and hasattr(module, "nf")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (or subclass) or transformers' transposed ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d_transposed(module)
-
-
-def is_norm(module: nn.Module) -> bool:
-    """A normalisation layer: torch's norm classes or any class named ``...Norm`` (``LlamaRMSNorm``)."""
-    return isinstance(module, NORM_TYPES) or any(NORM_CLASS_PATTERN.search(n) for n in class_names(module))
-
-
-def output_rows(module: nn.Module) -> int | None:
-    """Output features of a Linear-like module from its weight's global shape."""
-    weight = getattr(module, "weight", None)
-    if weight is None or len(weight.shape) != 2:
-        return None
-    return int(weight.shape[1] if is_conv1d_transposed(module) else weight.shape[0])
-
-
-def _positive_int(value: Any) -> int | None:
-    """``value`` if it is a positive int (not a bool), else ``None``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
-
-
-def _lookup(objects: Sequence[Any], attrs: Iterable[str]) -> int | None:
-    """The first positive-int attribute among ``attrs``, trying each object in order."""
-    for obj in objects:
-        for attr in attrs:
-            found = _positive_int(getattr(obj, attr, None))
-            if found is not None:
-                return found
-    return None
-
-
-def find_head_counts(module: nn.Module, ancestors: Sequence[nn.Module] = ()) -> HeadCounts:
-    """Head counts from ``module``'s attributes, then the ``config`` of it or its nearest ancestor.
-
-    Args:
-        module: the attention module (the parent of ``q_proj``/``c_attn``, or an
-            ``nn.MultiheadAttention``).
-        ancestors: its ancestors, nearest first; the first one with a ``config`` is consulted.
-    """
-    config = next((m.config for m in (module, *ancestors) if getattr(m, "config", None) is not None), None)
-    sources = (module,) if config is None else (module, config)
-    return HeadCounts(
-        num_heads=_lookup(sources, NUM_HEADS_ATTRS),
-        num_kv_heads=_lookup(sources, NUM_KV_HEADS_ATTRS),
-        head_dim=_lookup(sources, HEAD_DIM_ATTRS),
-    )
-
-
-def resolve_head_dim(counts: HeadCounts, q_rows: int) -> int | None:
-    """Rows per head of a Q projection: an explicit ``head_dim`` that divides ``q_rows``, else
-    ``q_rows // num_heads`` when that divides, else ``None``."""
-    if counts.head_dim is not None and q_rows % counts.head_dim == 0:
-        return counts.head_dim
-    if counts.num_heads is not None and q_rows % counts.num_heads == 0:
-        return q_rows // counts.num_heads
-    return None
-
-
-def fused_qkv_rows(counts: HeadCounts, rows: int) -> tuple[tuple[int, int, int], int] | None:
-    """Split a fused projection of ``rows`` rows into Q, K, V rows and ``head_dim``, or ``None``.
-
-    Q has ``num_heads`` heads, K and V ``num_kv_heads`` (``num_heads`` without GQA); ``head_dim`` is
-    the explicit one, else ``rows / (num_heads + 2 * num_kv_heads)``. The three must sum to ``rows``.
-    """
-    if counts.num_heads is None:
-        return None
-    kv_heads = counts.num_kv_heads or counts.num_heads
-    total_heads = counts.num_heads + 2 * kv_heads
-    head_dim = counts.head_dim
-    if head_dim is None or head_dim * total_heads != rows:
-        if rows % total_heads:
-            return None
-        head_dim = rows // total_heads
-    q, kv = counts.num_heads * head_dim, kv_heads * head_dim
-    return ((q, kv, kv), head_dim) if q + 2 * kv == rows else None
-
-
-def _qkv_family(parent: nn.Module) -> tuple[str, str, str] | None:
-    """The Q/K/V naming family whose Q and K children are Linear-like children of ``parent``."""
-    children = dict(parent.named_children())
-    for family in QKV_FAMILIES:
-        if all(name in children and is_linear_like(children[name]) for name in family[:2]):
-            return family
-    return None
-
-
-def _is_attention(module: nn.Module) -> bool:
-    """Has separate Q/K projections, a fused projection child, or is ``nn.MultiheadAttention``."""
-    if isinstance(module, nn.MultiheadAttention) or _qkv_family(module) is not None:
-        return True
-    return any(name in FUSED_QKV_NAMES and is_linear_like(child) for name, child in module.named_children())
 
 
 def _looks_like_mlp(module: nn.Module) -> bool:
@@ -258,7 +151,7 @@ class _ModelIndex:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.modules: dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
-        self.output_heads = self._find_output_heads()
+        self.output_heads = _find_output_heads(model, self.modules)
 
     def parent_path(self, path: str) -> str | None:
         """Path of the parent module; ``None`` for the root."""
@@ -275,31 +168,30 @@ class _ModelIndex:
             parent = self.parent_path(parent)
         return out
 
-    def _find_output_heads(self) -> set[int]:
-        """``id``s of output-head modules: ``get_output_embeddings()`` of any module that has it, else
-        every Linear shaped ``[num_embeddings, embedding_dim]`` of some ``nn.Embedding``."""
-        heads: set[int] = set()
-        for module in self.modules.values():
-            getter = getattr(module, "get_output_embeddings", None)
-            if not callable(getter):
-                continue
-            try:
-                head = getter()
-            except Exception:  # noqa: BLE001 - a model's own helper may refuse; then use shapes
-                head = None
-            if isinstance(head, nn.Module):
-                heads.add(id(head))
-        if heads:
-            return heads
-        embedding_shapes = {
-            (int(m.num_embeddings), int(m.embedding_dim))
-            for m in self.modules.values()
-            if isinstance(m, EMBEDDING_TYPES)
-        }
-        for module in self.modules.values():
-            if isinstance(module, nn.Linear) and (module.out_features, module.in_features) in embedding_shapes:
-                heads.add(id(module))
-        return heads
+
+def _find_output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[int]:
+    """``id``s of the modules the model returns logits from.
+
+    A Hugging Face model says it: ``get_output_embeddings()`` (the LM head), else its task head is
+    the last Linear-like child of the root (``classifier``, ``score``, ``qa_outputs``). Any other
+    model: the last Linear-like child of the root whose outputs are an embedding's vocabulary
+    (nanoGPT's untied ``lm_head``). A weight tied to an input embedding is a head wherever it is.
+    A shape alone decides nothing: a ``Linear(H, 2)`` classifier is shaped like a token-type table,
+    and BERT-medium's query weight like its position table.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        try:
+            head = getter()
+        except (AttributeError, NotImplementedError):  # a model's own helper may refuse
+            head = None
+        if isinstance(head, nn.Module):
+            return {id(head)}
+        last = [child for child in model.children() if is_linear_like(child)]
+        return {id(last[-1])} if last else set()
+    vocabularies = {int(m.num_embeddings) for m in modules.values() if isinstance(m, EMBEDDING_TYPES)}
+    heads = [child for child in model.children() if isinstance(child, nn.Linear) and child.out_features in vocabularies]
+    return {id(heads[-1])} if heads else set()
 
 
 def describe_parameters(model: nn.Module) -> list[ParamInfo]:
@@ -350,44 +242,63 @@ def _describe_usage(name: str, shape: tuple[int, ...], usage: _Usage, index: _Mo
     module, attr = usage.module, usage.attr
     if isinstance(module, nn.MultiheadAttention):
         return _describe_mha(name, shape, module, attr)
+    expert = describe_expert_parameter(shape, module, attr)
+    if expert is not None:
+        return ParamInfo(
+            name, shape, expert.role, transposed=expert.transposed, bank_dims=expert.bank_dims, fallback=expert.doubt
+        )
     if attr == "bias" or attr.endswith("_bias"):
         return ParamInfo(name, shape, "bias")
     if is_norm(module):
         return ParamInfo(name, shape, "norm")
     if attr != "weight":
-        return _unknown(name, shape, module, attr)
+        return _direct(name, shape, module, attr)
     if isinstance(module, EMBEDDING_TYPES):
         return ParamInfo(name, shape, "embedding")
     if isinstance(module, CONV_TYPES):
         return ParamInfo(name, shape, "conv")
     if is_linear_like(module):
         return _describe_linear(name, shape, usage, index)
-    return _unknown(name, shape, module, attr)
+    return _direct(name, shape, module, attr)
 
 
-def _unknown(name: str, shape: tuple[int, ...], module: nn.Module, attr: str) -> ParamInfo:
-    """A parameter no structural rule covers: role ``other``, with the reason for the warning."""
+def _direct(name: str, shape: tuple[int, ...], module: nn.Module, attr: str) -> ParamInfo:
+    """A parameter registered directly on a module that is no Linear, norm or embedding layer.
+
+    On an ``...Embeddings`` module it is a learned table added to the inputs: ``[1, N, D]``
+    position tables (ViT) get one row per position (leading 1-dims are banks). Anything else is
+    ``other``, with the reason for the warning.
+    """
+    if shape and any(EMBEDDINGS_CLASS_PATTERN.search(n) for n in class_names(module)):
+        singleton = next((i for i, size in enumerate(shape) if size != 1), len(shape) - 1)
+        return ParamInfo(name, shape, "embedding", bank_dims=min(singleton, len(shape) - 1))
     why = f"parameter {attr!r} registered directly on a {type(module).__name__}, which no structural rule covers"
     return ParamInfo(name, shape, "other", fallback=why)
 
 
 def _describe_mha(name: str, shape: tuple[int, ...], mha: nn.MultiheadAttention, attr: str) -> ParamInfo:
-    """Parameters registered directly on ``nn.MultiheadAttention`` (``out_proj`` is a child Linear)."""
+    """Parameters registered directly on ``nn.MultiheadAttention`` (``out_proj`` is a child Linear).
+
+    ``in_proj_weight`` is ``[Q | K | V]`` of ``embed_dim`` rows each; with ``kdim``/``vdim`` the three
+    are separate ``q_proj_weight``, ``k_proj_weight`` (``[embed_dim, kdim]``), ``v_proj_weight``.
+    """
     head_dim = mha.embed_dim // mha.num_heads
     if attr == "in_proj_weight":
         e = mha.embed_dim
-        return ParamInfo(name, shape, "qkv", head_dim=head_dim, qkv_rows=(e, e, e))
+        parts = (Part("query", e, head_dim), Part("key", e, head_dim), Part("value", e))
+        return ParamInfo(name, shape, "qkv", head_dim=head_dim, parts=parts)
     if attr in ("q_proj_weight", "k_proj_weight"):
         return ParamInfo(name, shape, "query" if attr[0] == "q" else "key", head_dim=head_dim)
     if attr == "v_proj_weight":
         return ParamInfo(name, shape, "value")
     if attr in ("in_proj_bias", "bias_k", "bias_v"):
         return ParamInfo(name, shape, "bias")
-    return _unknown(name, shape, mha, attr)
+    return _direct(name, shape, mha, attr)
 
 
 def _describe_linear(name: str, shape: tuple[int, ...], usage: _Usage, index: _ModelIndex) -> ParamInfo:
-    """Role of a Linear-like weight from its own name among its siblings and its parent's class."""
+    """Role of a Linear-like weight: an output head, a Q/K/V projection its attention module reads,
+    an attention output, an MLP or another linear layer."""
     module = usage.module
     transposed = is_conv1d_transposed(module)
     if id(module) in index.output_heads:
@@ -397,22 +308,35 @@ def _describe_linear(name: str, shape: tuple[int, ...], usage: _Usage, index: _M
         return ParamInfo(name, shape, "linear", transposed=transposed)
     parent = index.modules[parent_path]
     child = usage.module_path.rpartition(".")[2]
-    ancestors = index.ancestors(parent_path)
 
     if isinstance(parent, nn.MultiheadAttention):
         return ParamInfo(name, shape, "attn_out", transposed=transposed)
-    family = _qkv_family(parent)
-    if family is not None and child in family:
-        role = ("query", "key", "value")[family.index(child)]
-        return _separate_projection(name, shape, role, family, parent, ancestors, transposed)
-    if child in FUSED_QKV_NAMES:
-        return _fused_projection(name, shape, parent, ancestors, transposed)
+    reading = read_attention(parent, index.ancestors(parent_path))
+    if reading is not None and child in reading:
+        return _projection(name, shape, transposed, reading[child], parent)
     if child in ATTN_OUT_NAMES and (
-        _is_attention(parent) or (not _looks_like_mlp(parent) and _beside_attention(parent_path, index))
+        reading is not None or (not _looks_like_mlp(parent) and _beside_attention(parent_path, index))
     ):
         return ParamInfo(name, shape, "attn_out", transposed=transposed)
-    role = "mlp" if _looks_like_mlp(parent) and not _is_attention(parent) else "linear"
+    role = "mlp" if _looks_like_mlp(parent) and reading is None else "linear"
     return ParamInfo(name, shape, role, transposed=transposed)
+
+
+def _projection(
+    name: str, shape: tuple[int, ...], transposed: bool, layout: Projection | str, parent: nn.Module
+) -> ParamInfo:
+    """A Q/K/V projection as its attention module reads it; ``linear`` (warned about) when unread."""
+    rows = shape[1] if transposed else shape[0]
+    if isinstance(layout, str) or layout.rows != rows:
+        why = layout if isinstance(layout, str) else f"its layout has {layout.rows} rows, the weight {rows}"
+        return ParamInfo(name, shape, "linear", transposed=transposed, fallback=f"{type(parent).__name__}: {why}")
+    if len(layout.parts) == 1 and layout.repeat == 1:
+        part = layout.parts[0]
+        return ParamInfo(name, shape, part.role, transposed=transposed, head_dim=part.head_dim)
+    head_dim = next((p.head_dim for p in layout.parts if p.head_dim is not None), None)
+    return ParamInfo(
+        name, shape, "qkv", transposed=transposed, head_dim=head_dim, parts=layout.parts, repeat=layout.repeat
+    )
 
 
 def _beside_attention(parent_path: str, index: _ModelIndex) -> bool:
@@ -424,46 +348,4 @@ def _beside_attention(parent_path: str, index: _ModelIndex) -> bool:
     parent, grand = index.modules[parent_path], index.modules[grand_path]
     if not any(ATTENTION_CLASS_PATTERN.search(n) for n in class_names(grand)):
         return False
-    return any(sibling is not parent and _is_attention(sibling) for _, sibling in grand.named_children())
-
-
-def _separate_projection(
-    name: str,
-    shape: tuple[int, ...],
-    role: str,
-    family: tuple[str, str, str],
-    parent: nn.Module,
-    ancestors: Sequence[nn.Module],
-    transposed: bool,
-) -> ParamInfo:
-    """A Q, K or V projection; Q and K need a head size that divides their rows."""
-    if role == "value":
-        return ParamInfo(name, shape, "value", transposed=transposed)
-    counts = find_head_counts(parent, ancestors)
-    q_rows = output_rows(getattr(parent, family[0]))
-    head_dim = resolve_head_dim(counts, q_rows) if q_rows else None
-    rows = shape[1] if transposed else shape[0]
-    if head_dim is None or rows % head_dim:
-        why = (
-            f"{role} projection, but no head count on {type(parent).__name__} or its config "
-            f"({counts}) splits {q_rows} query rows and {rows} {role} rows into heads"
-        )
-        return ParamInfo(name, shape, "linear", transposed=transposed, fallback=why)
-    return ParamInfo(name, shape, role, transposed=transposed, head_dim=head_dim)
-
-
-def _fused_projection(
-    name: str, shape: tuple[int, ...], parent: nn.Module, ancestors: Sequence[nn.Module], transposed: bool
-) -> ParamInfo:
-    """A fused Q/K/V projection; falls back to ``linear`` when the head counts do not fit its rows."""
-    counts = find_head_counts(parent, ancestors)
-    rows = shape[1] if transposed else shape[0]
-    split = fused_qkv_rows(counts, rows)
-    if split is None:
-        why = (
-            f"fused QKV projection, but the head counts on {type(parent).__name__} or its config "
-            f"({counts}) do not split its {rows} rows into Q, K and V"
-        )
-        return ParamInfo(name, shape, "linear", transposed=transposed, fallback=why)
-    qkv_rows, head_dim = split
-    return ParamInfo(name, shape, "qkv", transposed=transposed, head_dim=head_dim, qkv_rows=qkv_rows)
+    return any(sibling is not parent and is_attention(sibling) for _, sibling in grand.named_children())

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_lowmem.partition import PRESETS, BlockPlan, BlockSpec, build_plan, build_plan_from_named_parameters
 from lightning_lowmem.partition.presets import PRESET_TABLES
-from lightning_lowmem.partition.structure import ROLES, ParamInfo
+from lightning_lowmem.partition.structure import ROLES, ParamInfo, Part
 
 # ------------------------------------------------------------------------------------------------
 # Small models
@@ -97,7 +97,8 @@ def test_presets_listed() -> None:
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("role", ROLES)
 def test_preset_kind_for_each_role(preset: str, role: str) -> None:
-    info = ParamInfo("p", (12, 4), role, head_dim=4, qkv_rows=(4, 4, 4) if role == "qkv" else None)
+    parts = (Part("query", 4, 4), Part("key", 4, 4), Part("value", 4)) if role == "qkv" else ()
+    info = ParamInfo("p", (12, 4), role, head_dim=4, parts=parts)
     kinds = "|".join(spec.kind for spec, _ in PRESET_TABLES[preset].segments(info))
     assert kinds == EXPECTED[preset][role]
 

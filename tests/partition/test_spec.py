@@ -96,7 +96,7 @@ def test_row_groups_need_no_index_and_full_has_no_groups() -> None:
         ((6, 2), ((BlockSpec("row"), 5),), False, "segments cover 5 rows but the parameter has 6"),
         ((6, 2), ((BlockSpec("full"), 3), (BlockSpec("row"), 3)), False, "must cover the whole parameter"),
         ((6, 2), ((BlockSpec("head", 4), 6),), False, r"w \(shape \[6, 2\]\): head_dim=4 does not divide"),
-        ((6,), ((BlockSpec("row"), 6),), True, "only 2-D weights can be transposed"),
+        ((6,), ((BlockSpec("row"), 6),), True, r"only 2-D weights \(after 0 bank dims\) can be transposed"),
     ],
 )
 def test_param_blocks_rejects_inconsistent_layouts(
