@@ -96,14 +96,18 @@ class BlockPlan(Mapping[str, ParamBlocks]):
         )
 
     def details(self) -> str:
-        """One line per parameter: name, shape, role and spec of each segment."""
+        """One line per parameter: name, shape, role and spec of each segment (``spec x rows``; a
+        repeating pattern as ``[...] xN``; ``per slice of [E]`` for the experts of a bank)."""
         lines = []
         for entry in self._entries.values():
-            fused = len(entry.segments) > 1
+            fused = len(entry.segments) > 1 or entry.repeat > 1
             segs = " | ".join(f"{spec}x{rows}" if fused else str(spec) for spec, rows in entry.segments)
+            if entry.repeat > 1:
+                segs = f"[{segs}] x{entry.repeat}"
+            banks = f" per slice of {list(entry.shape[: entry.bank_dims])}" if entry.bank_dims and not entry.is_full else ""
             tied = f" (tied: {', '.join(entry.aliases)})" if entry.aliases else ""
             t = " transposed" if entry.transposed else ""
-            lines.append(f"{entry.name}  {list(entry.shape)}  {entry.role}  {segs}{t}{tied}")
+            lines.append(f"{entry.name}  {list(entry.shape)}  {entry.role}  {segs}{banks}{t}{tied}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

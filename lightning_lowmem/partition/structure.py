@@ -247,7 +247,7 @@ def _describe_usage(name: str, shape: tuple[int, ...], usage: _Usage, index: _Mo
         return ParamInfo(
             name, shape, expert.role, transposed=expert.transposed, bank_dims=expert.bank_dims, fallback=expert.doubt
         )
-    if attr == "bias" or attr.endswith("_bias"):
+    if attr == "bias" or attr.endswith("_bias") or _per_head_scalars(shape, module, index, usage):
         return ParamInfo(name, shape, "bias")
     if is_norm(module):
         return ParamInfo(name, shape, "norm")
@@ -262,16 +262,25 @@ def _describe_usage(name: str, shape: tuple[int, ...], usage: _Usage, index: _Mo
     return _direct(name, shape, module, attr)
 
 
+def _per_head_scalars(shape: tuple[int, ...], module: nn.Module, index: _ModelIndex, usage: _Usage) -> bool:
+    """One value per head registered on an attention module (GPT-OSS's attention ``sinks``): added to
+    the attention logits like a bias, elementwise."""
+    if len(shape) != 1 or read_attention(module) is None:
+        return False
+    return find_head_counts(module, index.ancestors(usage.module_path)).num_heads == shape[0]
+
+
 def _direct(name: str, shape: tuple[int, ...], module: nn.Module, attr: str) -> ParamInfo:
     """A parameter registered directly on a module that is no Linear, norm or embedding layer.
 
     On an ``...Embeddings`` module it is a learned table added to the inputs: ``[1, N, D]``
-    position tables (ViT) get one row per position (leading 1-dims are banks). Anything else is
+    position tables (ViT) get one row per position (leading 1-dims are banks, the last dim is
+    reduced), a ``[1, 1, D]`` class token one row. Anything else is
     ``other``, with the reason for the warning.
     """
     if shape and any(EMBEDDINGS_CLASS_PATTERN.search(n) for n in class_names(module)):
         singleton = next((i for i, size in enumerate(shape) if size != 1), len(shape) - 1)
-        return ParamInfo(name, shape, "embedding", bank_dims=min(singleton, len(shape) - 1))
+        return ParamInfo(name, shape, "embedding", bank_dims=min(singleton, max(len(shape) - 2, 0)))
     why = f"parameter {attr!r} registered directly on a {type(module).__name__}, which no structural rule covers"
     return ParamInfo(name, shape, "other", fallback=why)
 
