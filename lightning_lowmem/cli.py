@@ -9,8 +9,11 @@
 
 ``MODEL`` is a known name (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl``, ``tinyllama-1b``,
 ``llama2-7b``, ``llama2-13b``, ``llama2-70b``, ``llama3-8b``) or a Hugging Face ``config.json`` (or
-its directory) with ``model_type`` ``gpt2``, ``llama`` or ``mistral``. The model is built on the meta
-device: nothing is allocated or downloaded, and ``transformers`` is not needed. States are float32
+its directory). ``gpt2``, ``llama`` and ``mistral`` configs are built by the package itself
+(``transformers`` is not needed); any other ``model_type`` ``transformers`` knows (``mixtral``,
+``qwen2_moe``, ``deepseek_v3``, ``gpt_neox``, ``falcon``, ``phi3``, ``bert``, ``t5``, ...) is built
+through ``transformers``. The model is built on the meta device: nothing is allocated or
+downloaded. States are float32
 and GB are 1e9 bytes. For the models of the Adam-mini paper's Table 1 (``gpt2-xl``,
 ``tinyllama-1b``, ``llama2-7b``) ``estimate`` adds a note comparing with the paper's figures (see
 :mod:`lightning_lowmem.estimate` for why they differ in the last digit).
@@ -80,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     known = ", ".join(KNOWN_MODELS)
     model_help = (
         f"a known model ({known}) or the path to a Hugging Face config.json (or its directory) with "
-        "model_type gpt2, llama or mistral"
+        "a model_type transformers knows (gpt2, llama or mistral without transformers)"
     )
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -119,7 +122,7 @@ def _estimate(name: str, config: ModelConfig, model: nn.Module, fmt: str, out: T
         payload = dict(
             model=name,
             description=describe_config(config),
-            architecture="gpt2" if isinstance(config, GPTConfig) else "llama",
+            architecture=_architecture(config),
             config=dataclasses.asdict(config),
             num_params=rows[0].num_params,
             state_dtype="float32",
@@ -146,6 +149,13 @@ def _estimate_table(rows: Sequence[StateEstimate]) -> str:
         for row in rows
     ]
     return _table(header, cells)
+
+
+def _architecture(config: ModelConfig) -> str:
+    """``gpt2``/``llama`` for the package's own models, the ``model_type`` for a transformers one."""
+    if isinstance(config, GPTConfig):
+        return "gpt2"
+    return getattr(config, "model_type", "llama")
 
 
 def _format_note(lines: Sequence[str]) -> str:

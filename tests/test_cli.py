@@ -154,9 +154,10 @@ def test_config_json_paths(capsys, tmp_path):
         (None, "No such config file"),
         ("{not json", "is not valid JSON (Expecting property name enclosed in double quotes at line 1"),
         ("[1, 2]", "holds a JSON list, not an object"),
-        ('{"hidden_size": 8}', "has no 'model_type'; supported model types: gpt2, llama, mistral"),
-        ('{"model_type": "bert"}',
-         "has model_type 'bert', which is not supported; supported model types: gpt2, llama, mistral"),
+        ('{"hidden_size": 8}', "has no 'model_type'; supported model types: any transformers knows, and gpt2, llama, "
+         "mistral without transformers"),
+        ('{"model_type": "no_such_family"}',
+         "model_type 'no_such_family' is not one transformers"),
         ('{"model_type": "llama", "hidden_size": 64}', "has no 'vocab_size', which a llama config needs"),
         ('{"model_type": "gpt2", "n_layer": 2, "n_head": 3, "n_embd": 64, "vocab_size": 10}',
          "n_embd (64) must be divisible by n_head (3)"),
@@ -176,6 +177,46 @@ def test_bad_config_files_exit_2(capsys, tmp_path, content, message):
         assert code == 2 and out == ""
         assert err.startswith(f"lowmem {command}: error: ") and message in err
         assert str(path) in err
+
+
+# A Mixtral-8x7B-shaped and a tiny GPT-NeoX config.json (fields as in the published files).
+MIXTRAL_8X7B = {"model_type": "mixtral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "vocab_size": 32000, "tie_word_embeddings": False}
+NEOX_TINY = {"model_type": "gpt_neox", "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 100, "rotary_pct": 0.25}
+
+
+def test_plan_of_a_mixtral_config_json_per_expert_rows(capsys, tmp_path):
+    """Each expert's [out, in] matrix keeps one value per output row: 8 experts x 2 * 14336 rows of
+    gate_up_proj, 8 x 4096 of down_proj, and the router one per expert."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MIXTRAL_8X7B))
+    code, out, err = run(capsys, "plan", str(path))
+    assert code == 0, err
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("model.")}
+    assert " ".join(lines["model.layers.{0-31}.mlp.experts.gate_up_proj"].split()[-6:]) == "mlp row per slice of [8]"
+    assert "[8, 28672, 4096]" in lines["model.layers.{0-31}.mlp.experts.gate_up_proj"]
+    assert lines["model.layers.{0-31}.mlp.gate.weight"].split()[-1] == "row"
+    code, out, _ = run(capsys, "estimate", str(path), "--format", "json")
+    data = json.loads(out)
+    assert data["architecture"] == "mixtral" and data["num_params"] == 46_702_792_704
+    adam_mini = next(row for row in data["estimates"] if row["label"] == "AdamMini (adam_mini)")
+    # v entries: per layer 8 * (28672 + 4096) expert rows + 8 router rows + 32 + 8 Q/K heads + 1024 + 4096 rows
+    # + 2 norms; embedding and head 32000 rows each, final norm 1.
+    per_layer = 8 * (28672 + 4096) + 8 + 32 + 8 + 1024 + 4096 + 2
+    v = 32 * per_layer + 2 * 32000 + 1
+    assert adam_mini["state_bytes"] == 4 * (46_702_792_704 + v)
+
+
+def test_plan_of_a_gpt_neox_config_json_by_head(capsys, tmp_path):
+    """query_key_value is [heads, 3, head_dim]: per head Q (16 rows), K (16 rows), V rows."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(NEOX_TINY))
+    code, out, err = run(capsys, "plan", str(path), "--preset", "adam_mini_paper")
+    assert code == 0, err
+    qkv = next(line for line in out.splitlines() if "query_key_value.weight" in line)
+    assert qkv.split("qkv", 1)[1].strip() == "[head:16x16 | head:16x16 | tensorx16] x4"
 
 
 def test_unknown_name_exits_2_listing_known_names(capsys):

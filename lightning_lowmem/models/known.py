@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from lightning_lowmem.models.gpt import GPT, GPTConfig
+from lightning_lowmem.models.hf import HFConfigError, HFModelConfig, build_hf_model, describe_hf_config, hf_config
 from lightning_lowmem.models.llama import Llama, LlamaConfig
 
-ModelConfig = GPTConfig | LlamaConfig
+ModelConfig = GPTConfig | LlamaConfig | HFModelConfig
 
 
 class ModelSpecError(ValueError):
@@ -93,7 +94,7 @@ def known_config(name: str) -> ModelConfig:
     if config is None:
         raise ModelSpecError(
             f"Unknown model {name!r}. Known models: {', '.join(KNOWN_MODELS)}; or give the path to a "
-            "Hugging Face config.json (model_type gpt2, llama or mistral)."
+            "Hugging Face config.json (any model_type transformers knows; gpt2, llama or mistral without it)."
         )
     return config
 
@@ -117,6 +118,8 @@ def resolve_config(name_or_path: str | os.PathLike[str]) -> ModelConfig:
 
 def describe_config(config: ModelConfig) -> str:
     """One line saying what the config builds, e.g. ``"Llama: 32 layers, width 4096, ..."``."""
+    if isinstance(config, HFModelConfig):
+        return describe_hf_config(config)
     if isinstance(config, GPTConfig):
         head = "tied" if config.tie_weights else "untied"
         return (
@@ -132,12 +135,22 @@ def describe_config(config: ModelConfig) -> str:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """A :class:`GPT` or :class:`Llama` for ``config`` on the current default device."""
+    """A :class:`GPT` or :class:`Llama` for ``config`` on the current default device; a
+    Hugging Face config through ``transformers``, always on the meta device.
+
+    Raises:
+        ModelSpecError: if ``transformers`` refuses a Hugging Face config.
+    """
     if isinstance(config, GPTConfig):
         return GPT(config)
     if isinstance(config, LlamaConfig):
         return Llama(config)
-    raise TypeError(f"Expected a GPTConfig or LlamaConfig, got {type(config).__name__}.")
+    if isinstance(config, HFModelConfig):
+        try:
+            return build_hf_model(config)
+        except HFConfigError as err:
+            raise ModelSpecError(str(err)) from None
+    raise TypeError(f"Expected a GPTConfig, LlamaConfig or HFModelConfig, got {type(config).__name__}.")
 
 
 def build_meta_model(name_or_path: str | os.PathLike[str] | ModelConfig) -> nn.Module:
@@ -146,7 +159,7 @@ def build_meta_model(name_or_path: str | os.PathLike[str] | ModelConfig) -> nn.M
     Raises:
         ModelSpecError: as :func:`resolve_config`.
     """
-    config = name_or_path if isinstance(name_or_path, (GPTConfig, LlamaConfig)) else resolve_config(name_or_path)
+    config = name_or_path if isinstance(name_or_path, (GPTConfig, LlamaConfig, HFModelConfig)) else resolve_config(name_or_path)
     with torch.device("meta"):
         return build_model(config)
 
@@ -161,7 +174,9 @@ def config_from_hf_json(path: str | os.PathLike[str]) -> ModelConfig:
     ``num_key_value_heads``, ``head_dim``, ``vocab_size``, ``rms_norm_eps``, ``rope_theta``,
     ``max_position_embeddings``, ``tie_word_embeddings``, ``attention_bias`` and ``mlp_bias`` to a
     :class:`LlamaConfig`, with Hugging Face's defaults for the optional ones. ``rope_scaling`` and
-    ``sliding_window`` change no parameter and are not modelled.
+    ``sliding_window`` change no parameter and are not modelled. Any other ``model_type`` that
+    ``transformers`` (when installed) knows becomes an :class:`HFModelConfig`, built through
+    ``transformers`` (:mod:`lightning_lowmem.models.hf`).
 
     Raises:
         ModelSpecError: if the file cannot be read, is not a JSON object, has no or an unsupported
@@ -192,7 +207,10 @@ def config_from_hf_json(path: str | os.PathLike[str]) -> ModelConfig:
     model_type = raw.get("model_type")
     supported = ", ".join(sorted(GPT2_MODEL_TYPES | LLAMA_MODEL_TYPES))
     if model_type is None:
-        raise ModelSpecError(f"{path!r} has no 'model_type'; supported model types: {supported}.")
+        raise ModelSpecError(
+            f"{path!r} has no 'model_type'; supported model types: any transformers knows, and {supported} "
+            "without transformers."
+        )
     try:
         if model_type in GPT2_MODEL_TYPES:
             return _gpt2_config(raw, path)
@@ -202,9 +220,12 @@ def config_from_hf_json(path: str | os.PathLike[str]) -> ModelConfig:
         raise
     except (ValueError, TypeError) as err:  # a shape the config class refuses, a field of the wrong type
         raise ModelSpecError(f"{path!r}: {err}") from None
-    raise ModelSpecError(
-        f"{path!r} has model_type {model_type!r}, which is not supported; supported model types: {supported}."
-    )
+    try:
+        return hf_config(raw)
+    except HFConfigError as err:
+        raise ModelSpecError(
+            f"{path!r}: {err}; supported model types: any transformers knows, and {supported} without transformers."
+        ) from None
 
 
 def _required(raw: Mapping[str, Any], key: str, path: str) -> Any:
