@@ -91,7 +91,7 @@ NOT_RUN = {
 }
 
 #: Files the ``console`` transcripts read (they exist where the transcript was taken).
-CONSOLE_FILES = {"bert/config.json": '{"model_type": "bert", "hidden_size": 768}'}
+CONSOLE_FILES = {"custom/config.json": '{"model_type": "my_model", "hidden_size": 768}'}
 
 #: Tags of callbacks.md that a short single-process run without spikes does not write.
 TAGS_NOT_IN_A_SHORT_RUN = {

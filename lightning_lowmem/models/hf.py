@@ -68,7 +68,7 @@ def hf_config(fields: Mapping[str, Any]) -> HFModelConfig:
     from transformers import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
-        raise HFConfigError(f"model_type {model_type!r} is not one transformers {version} knows")
+        raise HFConfigError(f"model_type {model_type!r} is not one the installed transformers ({version}) knows")
     return HFModelConfig(str(model_type), dict(fields))
 
 
