@@ -102,11 +102,19 @@ class BlockAdam(LowMemOptimizer):
         placement = self._placements.get(param)
         if placement is None:
             entry = self._entry(name)
-            sharding = ParamSharding.of(param, entry.transposed)
-            start, stop = sharding.local_rows(entry.rows)
-            layout = layout_for(entry, to_local(param).device, rows=slice(start, stop))
-            reduce = sharding.needs_reduction(layout.elementwise, one_block_per_row=layout.group_index is None)
-            placement = _Placement(layout, sharding, reduce, (start, stop))
+            if _split_banks(entry):
+                # dim 0 indexes banks (experts) and no block spans two: FSDP2 keeps whole banks on a
+                # rank and their state with them, and each bank is updated as a 2-D matrix
+                sharding = ParamSharding.of(param, transposed=False)
+                start, stop = sharding.local_rows(entry.shape[0])
+                layout = layout_for(_one_bank(entry), to_local(param).device)
+                placement = _Placement(layout, sharding, False, (start, stop), bank_shape=entry.shape[entry.bank_dims:])
+            else:
+                sharding = ParamSharding.of(param, entry.transposed)
+                start, stop = sharding.local_rows(entry.rows)
+                layout = layout_for(entry, to_local(param).device, rows=slice(start, stop))
+                reduce = sharding.needs_reduction(layout.elementwise, one_block_per_row=layout.group_index is None)
+                placement = _Placement(layout, sharding, reduce, (start, stop))
             self._placements[param] = placement
         return placement
 
@@ -119,8 +127,11 @@ class BlockAdam(LowMemOptimizer):
         else:
             row_local = placement.sharding.row_sharded and not placement.reduce
             start, stop = placement.rows
-            numel = stop - start if row_local else entry.state_numel
-            local = torch.zeros(numel, dtype=state_dtype(param), device=to_local(param).device)
+            if placement.bank_shape is not None:  # [dim-0 banks here, *other bank dims, blocks per bank]
+                shape: tuple[int, ...] = (stop - start, *entry.state_shape()[1:])
+            else:
+                shape = (stop - start if row_local else entry.state_numel,)
+            local = torch.zeros(shape, dtype=state_dtype(param), device=to_local(param).device)
             state["exp_avg_sq"] = placement.sharding.new_block_state(local, entry.state_shape(), sharded=row_local)
         return state
 
@@ -193,7 +204,8 @@ class _Placement(NamedTuple):
     layout: RowLayout
     sharding: ParamSharding
     reduce: bool  # its block means are partial sums that must be all-reduced
-    rows: tuple[int, int]  # this rank's rows of the row view
+    rows: tuple[int, int]  # this rank's rows of the row view (of dim 0 for a bank)
+    bank_shape: tuple[int, ...] | None = None  # a bank's shape when each bank is its own 2-D matrix
 
 
 @dataclasses.dataclass
@@ -210,6 +222,9 @@ class _GroupBatch:
     mean_sqs: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
 
     def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement) -> None:
+        if placement.bank_shape is not None:
+            self._add_banks(param, grad, state, placement)
+            return
         self.params.append(to_local(param))
         self.grads.append(to_local(grad))
         self.exp_avgs.append(to_local(state["exp_avg"]))
@@ -218,6 +233,23 @@ class _GroupBatch:
         self.layouts.append(placement.layout)
         self.placements.append(placement)
         self.mean_sqs.append(None)
+
+    def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement) -> None:
+        """Each local bank (expert) as its own tensor: views of the parameter, gradient and state.
+        The functional core increments every step it is given, so banks after the first get a copy."""
+        shape = placement.bank_shape
+        # views (not copies) of what is updated in place; the gradient is only read
+        views = [to_local(param).view(-1, *shape), to_local(grad).reshape(-1, *shape), to_local(state["exp_avg"]).view(-1, *shape)]
+        v = to_local(state["exp_avg_sq"]).view(views[0].shape[0], -1)
+        for b in range(views[0].shape[0]):
+            self.params.append(views[0][b])
+            self.grads.append(views[1][b])
+            self.exp_avgs.append(views[2][b])
+            self.exp_avg_sqs.append(v[b])
+            self.steps.append(state["step"] if b == 0 else state["step"].clone())
+            self.layouts.append(placement.layout)
+            self.placements.append(placement)
+            self.mean_sqs.append(None)
 
 
 def _reduce_block_means(batches: list[_GroupBatch]) -> None:
@@ -232,6 +264,16 @@ def _reduce_block_means(batches: list[_GroupBatch]) -> None:
     reduced = all_reduce_block_means(partial, next(iter(meshes.values())))
     for (b, i), mean_sq in zip(pending, reduced):
         b.mean_sqs[i] = mean_sq
+
+
+def _split_banks(entry: ParamBlocks) -> bool:
+    """Whether the parameter is updated bank by bank (it has bank dims and shared blocks)."""
+    return entry.bank_dims > 0 and not entry.is_full
+
+
+def _one_bank(entry: ParamBlocks) -> ParamBlocks:
+    """The layout of one bank of ``entry`` (the same for every bank)."""
+    return dataclasses.replace(entry, shape=entry.shape[entry.bank_dims:], bank_dims=0, aliases=())
 
 
 def layout_for(entry: ParamBlocks, device: torch.device, rows: slice = slice(None)) -> RowLayout:
