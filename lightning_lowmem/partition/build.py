@@ -319,12 +319,12 @@ def _fallback_message(fallbacks: list[tuple[ParamInfo, ParamBlocks]], caller: st
 
 
 def _describe_blocks(entry: ParamBlocks) -> str:
-    """``row``, ``head:64|row``, ``row per expert``: what a parameter got, for the warning."""
+    """``row``, ``[head:64|head:64|row] x32``, ``row per slice of [8]``: what a parameter got, for the warning."""
     text = "|".join(str(s) for s, _ in entry.segments)
     if entry.repeat > 1:
         text = f"[{text}] x {entry.repeat}"
-    if entry.bank_dims:
-        text += f" per slice of dims 0..{entry.bank_dims - 1}"
+    if entry.bank_dims and not entry.is_full:
+        text += f" per slice of {list(entry.shape[: entry.bank_dims])}"
     return text
 
 
