@@ -173,7 +173,8 @@ def _find_output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[i
     """``id``s of the modules the model returns logits from.
 
     A Hugging Face model says it: ``get_output_embeddings()`` (the LM head), else its task head is
-    the last Linear-like child of the root (``classifier``, ``score``, ``qa_outputs``). Any other
+    the last Linear-like child of the root (``classifier``, ``score``, ``qa_outputs``) beside its
+    ``base_model`` (a base model itself, ``BertModel``, returns no logits: its pooler is no head). Any other
     model: the last Linear-like child of the root whose outputs are an embedding's vocabulary
     (nanoGPT's untied ``lm_head``). A weight tied to an input embedding is a head wherever it is.
     A shape alone decides nothing: a ``Linear(H, 2)`` classifier is shaped like a token-type table,
@@ -187,6 +188,8 @@ def _find_output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[i
             head = None
         if isinstance(head, nn.Module):
             return {id(head)}
+        if getattr(model, "base_model", model) is model:  # a base model (``BertModel``) returns no logits
+            return set()
         last = [child for child in model.children() if is_linear_like(child)]
         return {id(last[-1])} if last else set()
     vocabularies = {int(m.num_embeddings) for m in modules.values() if isinstance(m, EMBEDDING_TYPES)}

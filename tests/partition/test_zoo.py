@@ -294,6 +294,10 @@ def test_bert_hidden_equal_to_positions_and_a_two_class_head() -> None:
     plan = plan_of(model, "adam_mini_paper")
     assert (plan["classifier.weight"].role, plan["classifier.weight"].kind) == ("output", "full")
     assert plan["bert.embeddings.token_type_embeddings.weight"].role == "embedding"
+    assert plan["bert.pooler.dense.weight"].role == "linear"
+    base = meta("BertConfig", "BertModel", hidden_size=512, num_attention_heads=8, num_hidden_layers=1,
+                intermediate_size=96, vocab_size=100, max_position_embeddings=512)
+    assert "output" not in {entry.role for entry in plan_of(base, "adam_mini").values()}  # no logits, no head
 
 
 def test_vit_position_table_one_block_per_position() -> None:
