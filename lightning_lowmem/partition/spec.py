@@ -246,12 +246,13 @@ class ParamBlocks:
             out[spec.kind] = (b + blocks, p + params, v + blocks)
         return out
 
-    def _bank_blocks(self) -> tuple[list[int], list[int]]:
-        """For one bank: the block of each row, and the rows of each block. Blocks are numbered in
-        the order of their first row, so a layout without shared ``tensor`` segments numbers its
-        blocks in row order."""
+    def _bank_blocks(self) -> tuple[list[int], list[int], list[str]]:
+        """For one bank: the block of each row, the rows of each block and its kind. Blocks are
+        numbered in the order of their first row, so a layout without shared ``tensor`` segments
+        numbers its blocks in row order."""
         index: list[int] = []
         sizes: list[int] = []
+        kinds: list[str] = []
         shared: dict[int, int] = {}
         for _ in range(self.repeat):
             for position, (spec, rows) in enumerate(self.segments):
@@ -259,6 +260,7 @@ class ParamBlocks:
                     if position not in shared:
                         shared[position] = len(sizes)
                         sizes.append(0)
+                        kinds.append("tensor")
                     index.extend([shared[position]] * rows)
                     sizes[shared[position]] += rows
                     continue
@@ -266,7 +268,15 @@ class ParamBlocks:
                 for _ in range(rows // per_block):
                     index.extend([len(sizes)] * per_block)
                     sizes.append(per_block)
-        return index, sizes
+                    kinds.append(spec.kind)
+        return index, sizes, kinds
+
+    def block_kinds(self) -> list[str]:
+        """The kind of each entry of ``v`` in the order ``v`` holds them (banks first; not defined for
+        ``full``). With a pattern the kinds interleave: ``[head, head, row x head_dim] x heads``."""
+        if self.is_full:
+            raise ValueError(f"{self.name}: a 'full' parameter has no row groups.")
+        return self._bank_blocks()[2] * self.banks
 
     def group_sizes(self) -> list[int]:
         """Rows in each second-moment group, in block order (not defined for ``full``)."""
@@ -279,7 +289,7 @@ class ParamBlocks:
         group; ``None`` when every row is its own group, in order."""
         if self.is_full:
             raise ValueError(f"{self.name}: a 'full' parameter has no row groups.")
-        index, sizes = self._bank_blocks()
+        index, sizes, _ = self._bank_blocks()
         if len(sizes) == self.bank_rows:
             return None
         bank = torch.tensor(index, device=device)

@@ -151,3 +151,23 @@ def test_plan_state_bytes_and_table() -> None:
 def test_group_index_device() -> None:
     entry = ParamBlocks.single("w", (4, 2), BlockSpec("head", 2))
     assert entry.group_index(device="cpu").device == torch.device("cpu")
+
+
+def test_patterns_and_banks_count_and_index_their_blocks() -> None:
+    """[heads=2, (Q 2 rows | K 2 rows | V 2 rows)]: Q, K per head and V rows per period; a tensor V
+    is one block over both periods; a bank repeats its layout per expert with new blocks."""
+    head = BlockSpec("head", 2)
+    neox = ParamBlocks("qkv", (12, 3), ((head, 2), (head, 2), (BlockSpec("row"), 2)), repeat=2)
+    assert neox.group_index().tolist() == [0, 0, 1, 1, 2, 3, 4, 4, 5, 5, 6, 7]
+    assert neox.block_kinds() == ["head", "head", "row", "row"] * 2
+    assert neox.counts_by_kind() == {"head": (4, 24, 4), "row": (4, 12, 4)}
+    paper = ParamBlocks("qkv", (12, 3), ((head, 2), (head, 2), (BlockSpec("tensor"), 2)), repeat=2)
+    assert paper.group_index().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 2, 2]
+    assert paper.group_sizes() == [2, 2, 4, 2, 2] and paper.block_kinds() == ["head", "head", "tensor", "head", "head"]
+    bank = ParamBlocks("experts", (3, 4, 5), ((head, 4),), bank_dims=1)
+    assert (bank.rows, bank.cols, bank.state_shape()) == (12, 5, (3, 2))
+    assert bank.group_index().tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    transposed = ParamBlocks.single("experts", (3, 5, 4), BlockSpec("tensor"), bank_dims=1, transposed=True)
+    assert (transposed.bank_rows, transposed.cols, transposed.state_shape()) == (4, 5, (3, 1))
+    with pytest.raises(ValueError, match="segments cover 6 rows x 3 periods but the parameter has 12"):
+        ParamBlocks("qkv", (12, 3), ((head, 2), (head, 2), (BlockSpec("row"), 2)), repeat=3)
