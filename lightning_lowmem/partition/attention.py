@@ -228,7 +228,10 @@ def _separate(module: nn.Module, children: dict[str, nn.Module], counts: HeadCou
     if family[2] in children:
         out[family[2]] = Projection((Part("value", output_rows(children[family[2]])),))
     if head_dim is None or k_rows % head_dim:
-        why = f"no head count on {type(module).__name__} or its config ({counts}) splits {q_rows} query rows and {k_rows} key rows into heads"
+        why = (
+            f"no head count on {type(module).__name__} or its config ({counts}) splits {q_rows} query rows "
+            f"and {k_rows} key rows into heads"
+        )
         return {family[0]: why, family[1]: why, **out}
     return {family[0]: _query(q_rows, head_dim), family[1]: Projection((Part("key", k_rows, head_dim),)), **out}
 
