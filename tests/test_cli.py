@@ -157,7 +157,7 @@ def test_config_json_paths(capsys, tmp_path):
         ('{"hidden_size": 8}', "has no 'model_type'; supported model types: any transformers knows, and gpt2, llama, "
          "mistral without transformers"),
         ('{"model_type": "no_such_family"}',
-         "model_type 'no_such_family' is not one transformers"),
+         "model_type 'no_such_family' is not one the installed transformers"),
         ('{"model_type": "llama", "hidden_size": 64}', "has no 'vocab_size', which a llama config needs"),
         ('{"model_type": "gpt2", "n_layer": 2, "n_head": 3, "n_embd": 64, "vocab_size": 10}',
          "n_embd (64) must be divisible by n_head (3)"),
