@@ -30,6 +30,7 @@ MODULES = (
     "lightning_lowmem.config",
     "lightning_lowmem.optim",
     "lightning_lowmem.optim.registry",
+    "lightning_lowmem.optim.names",
     "lightning_lowmem.optim.schedulers",
     "lightning_lowmem.partition",
     "lightning_lowmem.strategies",

@@ -61,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported on stderr
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    if args.command == "build-kernels":
+        return _build_kernels()
     try:
         config = resolve_config(args.model)
     except ModelSpecError as err:
@@ -108,7 +110,28 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("model", metavar="MODEL", help=model_help)
     plan.add_argument("--preset", choices=PRESETS, default="adam_mini", help="block preset (default: adam_mini)")
     plan.add_argument("--details", action="store_true", help="list every tensor instead of collapsing repeated layers")
+    commands.add_parser(
+        "build-kernels",
+        help="build the C kernels for CPUs now (e.g. in a container image) and print where they are cached",
+        description="Build the package's C kernels with $CC for this machine's CPU and print the cache "
+        "($LIGHTNING_LOWMEM_CACHE, default ~/.cache/lightning_lowmem). Exit status 1 if one fails.",
+    )
     return parser
+
+
+def _build_kernels() -> int:
+    """``lowmem build-kernels``: each kernel's library path, or the compiler's message on stderr."""
+    from lightning_lowmem.kernels.native import build_all, cache_dir
+
+    print(f"cache: {cache_dir()}")
+    status = 0
+    for name, build in build_all().items():
+        if build.library is not None:
+            print(f"{name}: {build.path}")
+        else:
+            print(f"{PROG} build-kernels: {name} not built: {build.problem}", file=sys.stderr)
+            status = 1
+    return status
 
 
 # ---- estimate ------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from typing import Any, Optional, TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_lowmem.kernels.dispatch import check_backend
+from lightning_lowmem.kernels import check_backend
 from lightning_lowmem.optim.hparams import check_adam_hparams, check_choice
+from lightning_lowmem.optim.names import available_optimizers
 from lightning_lowmem.partition.build import compile_rules
 from lightning_lowmem.partition.structure import NO_DECAY_ROLES, ROLES
 
@@ -96,7 +97,7 @@ class OptimConfig:
 
     Args:
         name: a registered optimizer: ``"adamw"``, ``"adam_mini"``, ``"adam_mini_paper"``, ``"eve"``
-            (and any added with :func:`~lightning_lowmem.optim.registry.register_optimizer`).
+            (and any added with :func:`~lightning_lowmem.optim.names.register_optimizer`).
         lr: peak learning rate, ``>= 0``.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: added to :math:`\\sqrt{\\hat v}`, ``>= 0``.
@@ -106,8 +107,8 @@ class OptimConfig:
             (``"full"``, ``"row"``, ``"tensor"``, ``"head:<head_dim>"``); ignored by ``adamw``.
         no_decay: parameter roles that get ``weight_decay=0`` (roles of
             :data:`~lightning_lowmem.partition.structure.ROLES`; ``()`` decays everything).
-        backend: one of :data:`~lightning_lowmem.kernels.dispatch.BACKENDS` (``"auto"`` picks the
-            fastest available; see :mod:`lightning_lowmem.kernels.dispatch`).
+        backend: one of :data:`~lightning_lowmem.kernels.BACKENDS` (``"auto"`` picks the
+            fastest available; see :func:`lightning_lowmem.kernels.resolve`).
         scheduler: the :class:`SchedulerConfig` (a dict is converted).
 
     Raises:
@@ -223,14 +224,11 @@ def _to_container(cfg: Any) -> Any:
 
 def _check_optimizer_name(name: Any) -> None:
     """Raise a ValueError naming the registered optimizers when ``name`` is not one of them."""
-    # Imported here: a module that registers an optimizer may be imported while this one loads.
-    from lightning_lowmem.optim.registry import available_optimizers
-
     names = available_optimizers()
     if name not in names:
         raise ValueError(
             f"Invalid optimizer name: {name!r}; choose one of {', '.join(map(repr, names))} "
-            "(or add one with lightning_lowmem.optim.registry.register_optimizer)."
+            "(or add one with lightning_lowmem.optim.names.register_optimizer)."
         )
 
 

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_lowmem import OptimConfig, SchedulerConfig
-from lightning_lowmem.kernels.dispatch import BACKENDS
+from lightning_lowmem.kernels import BACKENDS
 from lightning_lowmem.optim.registry import OPTIMIZERS, register_optimizer
 
 NAMES = "'adamw', 'adam_mini', 'adam_mini_paper', 'eve', 'micro_adam'"

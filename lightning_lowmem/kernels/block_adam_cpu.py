@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_lowmem.kernels.native import load_library
+from lightning_lowmem.kernels.native import Build, build_library
 
 _FLOAT_BYTES = 4
 
@@ -38,10 +38,22 @@ class _Slice(NamedTuple):
     stop: int
 
 
+_ABI = 4
+
+
+@functools.cache
+def rows_kernel_build() -> Build:
+    """The build of the C kernel (built on first call, once per process; see :mod:`.native`)."""
+    build = build_library("block_adam_rows")
+    if build.library is not None and build.library.lowmem_block_adam_rows_abi() != _ABI:
+        return build._replace(library=None, problem=f"{build.path} is not the kernel this package expects", failed=True)
+    return build
+
+
 @functools.cache
 def _kernel() -> ctypes._CFuncPtr | None:
-    lib = load_library("block_adam_rows")
-    if lib is None or lib.lowmem_block_adam_rows_abi() != 4:
+    lib = rows_kernel_build().library
+    if lib is None:
         return None
     fn = lib.lowmem_block_adam_rows
     ptr, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -89,11 +101,11 @@ def block_adam_rows_(
             elementwise (AdamW) update.
         transposed: per tensor, whether its rows are the columns of the matrix (GPT-2 ``Conv1D``).
         decay: :math:`1 - \eta\lambda`; ``step_size`` and ``bias_correction2_sqrt`` as in
-            :func:`lightning_lowmem.optim.functional.adam_step_scalars`.
+            :func:`lightning_lowmem.kernels.block_adam.adam_step_scalars`.
     """
     kernel = _kernel()
     if kernel is None:
-        raise RuntimeError("The C kernel block_adam_rows is not available here (no working C compiler).")
+        raise RuntimeError(f"The C kernel block_adam_rows is not available here: {rows_kernel_build().problem}")
     items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block, transposed))
     shapes = [(*(p.shape[::-1] if t else p.shape), max(k, 1)) for p, k, t in zip(params, rows_per_block, transposed)]
     shares = _split_rows(shapes, torch.get_num_threads())

@@ -14,6 +14,10 @@ for elementwise blocks (28 bytes, AdamW):
   tensor, each either ``full`` (AdamW) or one block (a ``tensor`` spec): the launch reads the
   tensors' addresses from a table instead of taking one launch per tiny tensor.
 
+:func:`block_adam_multi_update_triton_` is the ``"triton"`` implementation of the ``block_adam`` op
+(same signature and result as :func:`~lightning_lowmem.kernels.block_adam.block_adam_multi_update_`),
+built from these launches. Importing this module imports ``triton``.
+
 Example::
 
     >>> adam_rows_(p_rows, g_rows, m_rows, v, denom=None, lr=1e-3, step_size=1e-2,
@@ -28,6 +32,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_lowmem.kernels.block_adam import block_adam_update_, block_mean_sq, row_denominators_
+from lightning_lowmem.kernels.layout import RowLayout, as_rows
 from lightning_lowmem.kernels.triton_common import store_rounded
 
 _ELEMENTWISE_BLOCK = 1024
@@ -198,3 +204,85 @@ def adam_small_tensors_(
         P_DTYPE=_TRITON_DTYPES[params[0].dtype], G_DTYPE=_TRITON_DTYPES[grads[0].dtype], ONE_BLOCK=one_block,
         MAXIMIZE=maximize, BLOCK=_ELEMENTWISE_BLOCK,
     )
+
+
+def block_adam_update_triton_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    layout: RowLayout,
+    lr: float,
+    step_size: float,
+    bias_correction2_sqrt: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    mean_sq: Tensor | None = None,
+) -> None:
+    """:func:`~lightning_lowmem.kernels.block_adam.block_adam_update_` as Triton kernels (same
+    signature and result).
+
+    ``full`` tensors take one elementwise pass; tensors with one block per row take one pass that
+    also computes the row means of ``g**2``; other blocks (heads, tensors, fused segments, or block
+    means reduced across ranks) update their few second moments here and pass the per-row
+    denominators to the same row kernel. Runs on CUDA, or on CPU under ``TRITON_INTERPRET=1``.
+    """
+    scalars = dict(lr=float(lr), step_size=float(step_size), bias_correction2_sqrt=float(bias_correction2_sqrt),
+                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    if layout.elementwise:
+        if not (param.is_contiguous() and exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()):
+            block_adam_update_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **scalars)
+            return
+        adam_elementwise_(param, grad.contiguous(), exp_avg, exp_avg_sq, **scalars)
+        return
+    p, g, m = (as_rows(t, layout.transposed) for t in (param, grad, exp_avg))
+    if layout.group_index is None and mean_sq is None:
+        adam_rows_(p, g, m, exp_avg_sq, denom=None, cols=float(layout.group_numel), **scalars)
+        return
+    if mean_sq is None:
+        mean_sq = block_mean_sq(grad, layout)
+    denom = row_denominators_(exp_avg_sq, mean_sq, layout, beta2, bias_correction2_sqrt, eps)
+    adam_rows_(p, g, m, None, denom=denom.contiguous(), cols=float(p.shape[1]), **scalars)
+
+
+def block_adam_multi_update_triton_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    layouts: list[RowLayout],
+    mean_sqs: list[Tensor | None],
+    **hparams: object,
+) -> None:
+    """The ``"triton"`` implementation of the ``block_adam`` op: small ``full`` and one-block
+    tensors (biases, norms) share one launch per kind and dtype; the others take
+    :func:`block_adam_update_triton_` each."""
+    small: dict[tuple[bool, torch.dtype, torch.dtype], list[int]] = {}
+    for i, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs)):
+        one_block = _small_tensor_kind(param, grad, exp_avg, exp_avg_sq, layout, mean_sq)
+        if one_block is None:
+            block_adam_update_triton_(param, grad, exp_avg, exp_avg_sq, layout=layout, mean_sq=mean_sq, **hparams)
+        else:
+            small.setdefault((one_block, param.dtype, grad.dtype), []).append(i)
+    scalars = {k: float(v) if k in ("lr", "step_size", "bias_correction2_sqrt") else v for k, v in hparams.items()}
+    for (one_block, _, _), group in small.items():
+        adam_small_tensors_(*([x[i] for i in group] for x in (params, grads, exp_avgs, exp_avg_sqs)),
+                            one_block=one_block, **scalars)
+
+
+def _small_tensor_kind(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, layout: RowLayout,
+                       mean_sq: Tensor | None) -> bool | None:
+    """For a tensor that can share the small-tensor launch, whether it is one block (else ``full``);
+    ``None`` for the others."""
+    if (param.numel() > SMALL_TENSOR_NUMEL or mean_sq is not None or param.dtype not in _TRITON_DTYPES
+            or grad.dtype not in _TRITON_DTYPES or exp_avg.dtype != param.dtype or exp_avg_sq.dtype != torch.float32
+            or not all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))):
+        return None
+    if layout.elementwise:
+        return False
+    one_block = isinstance(layout.group_numel, Tensor) and layout.group_numel.numel() == 1
+    return True if one_block else None

@@ -1,8 +1,9 @@
 r"""Triton kernels for MicroAdam's hot parts, and their launchers.
 
 Each launcher has the signature and result of the PyTorch function of the same name in
-:mod:`lightning_lowmem.optim.micro_adam_functional` (the reference, where the math and the
-row-aligned layout are documented); tensors are ``rows x cols`` and every program works inside
+:mod:`lightning_lowmem.kernels.micro_adam_error_feedback` or
+:mod:`lightning_lowmem.kernels.micro_adam_window` (the reference; the row-aligned layout is in
+:mod:`lightning_lowmem.kernels.micro_adam_layout`); tensors are ``rows x cols`` and every program works inside
 one row:
 
 * :func:`dequantize_add` -- ``a = g + lo + code * (hi - lo) / 15``, elementwise (grid: rows x
@@ -12,6 +13,9 @@ one row:
 * :func:`apply_window_update_` -- per block of a row, ``M``, ``S`` of every coordinate in the window
   and ``p -= lr * c1 M / (sqrt(c2 S) + eps)``, written once per coordinate (by its newest entry)
   (grid: rows x blocks).
+
+:func:`micro_adam_update_triton_`, the ``"triton"`` implementation of the ``micro_adam`` op, is the
+reference update with these three as its hot parts.
 
 Rows are grid axis 0 (up to 2**31 - 1 programs), chunks and blocks axis 1 (up to 65535).
 Divisions and square roots are the correctly rounded ones (``div_rn``, ``sqrt_rn``) so that the
@@ -28,7 +32,8 @@ import triton.language as tl
 from torch import Tensor
 
 from lightning_lowmem.kernels.triton_common import round_to_bf16
-from lightning_lowmem.optim.micro_adam_functional import QUANT_LEVELS, MicroAdamLayout
+from lightning_lowmem.kernels.micro_adam import HotParts, update_with_
+from lightning_lowmem.kernels.micro_adam_layout import QUANT_LEVELS, MicroAdamLayout
 
 _MAX_ELEMENTS_PER_PROGRAM = 1024
 _BUCKETS_PER_PROGRAM = 16
@@ -214,3 +219,33 @@ def apply_window_update_(
         WINDOW=window.shape[1], QUERY=_QUERY_CHUNK, KEYS=_KEY_CHUNK,
         PARAM_BF16=param_rows.dtype == torch.bfloat16,
     )
+
+
+#: The hot parts as Triton kernels.
+TRITON_PARTS = HotParts(dequantize_add, quantize_into_, apply_window_update_)
+
+
+def micro_adam_update_triton_(
+    param: Tensor,
+    grad: Tensor,
+    window: Tensor,
+    error: Tensor | None,
+    error_min: Tensor | None,
+    error_max: Tensor | None,
+    step: Tensor | float,
+    *,
+    layout: MicroAdamLayout,
+    lr: Tensor | float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+) -> None:
+    """:func:`~lightning_lowmem.kernels.micro_adam.micro_adam_update_` with its hot parts as Triton kernels (same signature and result).
+
+    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the kernels
+    were first imported. The top-k itself stays ``torch.topk``.
+    """
+    update_with_(TRITON_PARTS, param, grad, window, error, error_min, error_max, step,
+            layout, lr, beta1, beta2, eps, weight_decay, maximize)

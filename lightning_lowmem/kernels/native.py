@@ -8,10 +8,17 @@ source, the compiler, the flags and the CPU, so a home directory shared by diffe
 never loads a library built for another CPU. Concurrent builds (several ranks) are safe: each
 writes its own file and renames it into place.
 
+A build never raises: a missing compiler, a compiler that fails or one that runs longer than
+``$LIGHTNING_LOWMEM_BUILD_TIMEOUT`` seconds (default 120; it is killed with its child processes)
+gives a :class:`Build` without a library that says why, in the compiler's own words, and the
+result is kept for the process, so a failed build is not retried at every step.
+``LIGHTNING_LOWMEM_NATIVE=0`` switches the C kernels off without trying. ``lowmem build-kernels``
+builds them ahead of time (:func:`build_all`).
+
 Example::
 
-    >>> lib = load_library("block_adam_rows")     # None where no C compiler works
-    >>> lib is None or lib.lowmem_block_adam_rows_abi() == 1
+    >>> build = build_library("block_adam_rows")
+    >>> build.library is not None or print(build.problem)   # the compiler's message where it failed
     True
 """
 
@@ -20,17 +27,22 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
-
-log = logging.getLogger(__name__)
+from typing import NamedTuple
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
+
+#: Set to ``0`` to switch the C kernels off (``"auto"`` then runs ``"compile"`` on CPUs).
+ENV_SWITCH = "LIGHTNING_LOWMEM_NATIVE"
+#: Seconds a compiler may run before the build counts as failed.
+ENV_TIMEOUT = "LIGHTNING_LOWMEM_BUILD_TIMEOUT"
+_DEFAULT_TIMEOUT_S = 120.0
 
 #: Tried in order: the first set the compiler accepts is used.
 FLAG_SETS = (
@@ -38,11 +50,39 @@ FLAG_SETS = (
     ("-O3", "-fno-math-errno", "-shared", "-fPIC"),
 )
 
+#: How to switch the C kernels off, for messages.
+SWITCH_OFF_HINT = f"set {ENV_SWITCH}=0 or pass backend='compile' to switch it off"
+
+
+class Build(NamedTuple):
+    """The outcome of building one kernel.
+
+    Args:
+        library: the loaded library, or ``None``.
+        path: where the library is (or would be) cached.
+        problem: why there is no library: the compiler's own message, or what was missing.
+        failed: a compiler was there and failed or hung (as opposed to: none found, switched off).
+    """
+
+    library: ctypes.CDLL | None
+    path: Path | None
+    problem: str | None = None
+    failed: bool = False
+
+
+class BuildError(RuntimeError):
+    """A compiler run that failed or timed out; the message is the compiler's own."""
+
 
 def cache_dir() -> Path:
     """Where built libraries are kept: ``$LIGHTNING_LOWMEM_CACHE`` or ``~/.cache/lightning_lowmem``."""
     root = os.environ.get("LIGHTNING_LOWMEM_CACHE") or Path.home() / ".cache" / "lightning_lowmem"
     return Path(root) / "kernels"
+
+
+def switched_off() -> bool:
+    """Whether ``$LIGHTNING_LOWMEM_NATIVE`` switches the C kernels off (``0``, ``false``, ``off``, ``no``)."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "off", "no")
 
 
 def find_compiler() -> str | None:
@@ -52,25 +92,44 @@ def find_compiler() -> str | None:
     return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
 
 
+def kernel_names() -> list[str]:
+    """The C kernels of the package (one per ``csrc/*.c``)."""
+    return sorted(path.stem for path in SOURCE_DIR.glob("*.c"))
+
+
 @functools.cache
-def load_library(name: str) -> ctypes.CDLL | None:
-    """The shared library built from ``csrc/<name>.c``, or ``None`` (logged) if it cannot be built."""
+def build_library(name: str) -> Build:
+    """Build (or find in the cache) and load ``csrc/<name>.c``; once per process, never raises."""
+    if switched_off():
+        return Build(None, None, f"switched off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}")
     compiler = find_compiler()
     if compiler is None:
-        log.info("No C compiler found ($CC, cc, gcc, clang); the C kernel %s is not available.", name)
-        return None
+        wanted = f"$CC={os.environ['CC']!r} is not on the PATH" if os.environ.get("CC") else "no C compiler found (cc, gcc, clang)"
+        return Build(None, None, f"{wanted}; set $CC to one")
     source = SOURCE_DIR / f"{name}.c"
     errors = []
+    target = None
     for flags in FLAG_SETS:
         target = cache_dir() / f"{name}-{_build_key(source, compiler, flags)}.so"
         try:
             if not target.exists():
                 _build(source, target, compiler, flags)
-            return ctypes.CDLL(str(target))
-        except (OSError, subprocess.CalledProcessError) as err:
-            errors.append(f"{' '.join(flags)}: {_describe(err)}")
-    log.info("Building the C kernel %s with %s failed; it is not available.\n%s", name, compiler, "\n".join(errors))
-    return None
+            return Build(ctypes.CDLL(str(target)), target)
+        except (OSError, BuildError) as err:
+            errors.append(f"{compiler} {' '.join(flags)}: {err}")
+    return Build(None, target, "\n".join(errors), failed=True)
+
+
+def build_all() -> dict[str, Build]:
+    """Build every C kernel of the package now (``lowmem build-kernels``)."""
+    return {name: build_library(name) for name in kernel_names()}
+
+
+def _timeout_s() -> float:
+    try:
+        return float(os.environ.get(ENV_TIMEOUT, _DEFAULT_TIMEOUT_S))
+    except ValueError:
+        return _DEFAULT_TIMEOUT_S
 
 
 def _build(source: Path, target: Path, compiler: str, flags: tuple[str, ...]) -> None:
@@ -78,11 +137,37 @@ def _build(source: Path, target: Path, compiler: str, flags: tuple[str, ...]) ->
     fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *flags, str(source), "-o", partial, "-lm"], check=True, capture_output=True, text=True, timeout=120)
+        _run([compiler, *flags, str(source), "-o", partial, "-lm"], _timeout_s())
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+
+
+def _run(command: list[str], timeout: float) -> None:
+    """Run a compiler; raise :class:`BuildError` with its last lines of output if it fails or hangs.
+
+    It runs in its own process group, so a timeout kills whatever it started too (a compiler
+    driver's children would otherwise keep its output pipe open).
+    """
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(process)
+        process.communicate()
+        raise BuildError(f"did not finish within {timeout:g} s (${ENV_TIMEOUT} sets the limit)") from None
+    if process.returncode != 0:
+        lines = [line for line in output.strip().splitlines() if line.strip()]
+        raise BuildError("\n".join(lines[-5:]) or f"exit status {process.returncode}")
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (AttributeError, ProcessLookupError, PermissionError):  # no process groups, or already gone
+        process.kill()
 
 
 def _build_key(source: Path, compiler: str, flags: tuple[str, ...]) -> str:
@@ -100,9 +185,3 @@ def _cpu_identity() -> str:
         return platform.processor()
     wanted = ("model name", "flags", "Features", "CPU part")
     return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
-
-
-def _describe(err: Exception) -> str:
-    if isinstance(err, subprocess.CalledProcessError):
-        return (err.stderr or "").strip().splitlines()[-1:][0] if err.stderr else f"exit status {err.returncode}"
-    return str(err)

@@ -1,7 +1,7 @@
 r"""``BlockAdam``: AdamW whose second moment is shared within the blocks of a :class:`BlockPlan`.
 
 ``AdamMini`` and ``Eve`` are this optimizer with their presets and defaults; the math is in
-:mod:`lightning_lowmem.optim.functional`.
+:mod:`lightning_lowmem.kernels.block_adam`.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from lightning_lowmem.kernels.dispatch import check_backend
+from lightning_lowmem.kernels import RowLayout, check_backend, state_dtype
+from lightning_lowmem.kernels.block_adam import block_mean_sq
 from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, param_groups_from
-from lightning_lowmem.optim.functional import RowLayout, block_adam, block_mean_sq, state_dtype
+from lightning_lowmem.optim.functional import block_adam
 from lightning_lowmem.optim.sharding import ParamSharding, all_reduce_block_means, to_local
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
@@ -27,7 +28,7 @@ STATE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
 
 class BlockAdam(LowMemOptimizer):
-    r"""AdamW with one second-moment value per block (see :mod:`lightning_lowmem.optim.functional`).
+    r"""AdamW with one second-moment value per block (see :mod:`lightning_lowmem.kernels.block_adam`).
 
     .. math::
 
@@ -49,8 +50,8 @@ class BlockAdam(LowMemOptimizer):
         no_decay: roles put in a group with ``weight_decay=0`` when the groups are built here
             (``()`` decays everything).
         maximize: maximize the objective instead of minimizing it.
-        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``
-            (see :mod:`lightning_lowmem.kernels.dispatch`).
+        backend: ``"auto"``, ``"torch"``, ``"compile"``, ``"triton"`` or ``"native"``
+            (see :func:`lightning_lowmem.kernels.resolve`).
 
     Raises:
         ValueError: for a hyperparameter out of range, a parameter without a name or missing from

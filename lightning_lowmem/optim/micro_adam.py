@@ -1,6 +1,6 @@
 r"""``MicroAdam``: Adam over a window of compressed gradients, with compressed error feedback.
 
-The math lives in :mod:`lightning_lowmem.optim.micro_adam_functional`; this class holds the state,
+The math lives in :mod:`lightning_lowmem.kernels.micro_adam`; this class holds the state,
 which for a parameter sharded by FSDP2 is a set of ``Shard(0)`` DTensors of its rows.
 """
 
@@ -11,20 +11,20 @@ from typing import Any
 
 import torch
 
-from lightning_lowmem.kernels.dispatch import check_backend
+from lightning_lowmem.kernels import RowLayout, check_backend, state_dtype
 from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike
-from lightning_lowmem.optim.functional import RowLayout, block_adam, state_dtype
+from lightning_lowmem.optim.functional import block_adam
 from lightning_lowmem.optim.hparams import check_adam_hparams
-from lightning_lowmem.optim.micro_adam_functional import (
+from lightning_lowmem.kernels.micro_adam_layout import (
     DEFAULT_BLOCK_SIZE,
     ERROR_STATE,
     STATE_DTYPES,
     MicroAdamLayout,
     check_micro_adam_hparams,
     init_state,
-    micro_adam,
     micro_adam_layout,
 )
+from lightning_lowmem.optim.micro_adam_functional import micro_adam
 from lightning_lowmem.optim.sharding import ParamSharding, to_local
 
 #: State keys of a compressed parameter, in :func:`init_state`'s order, with their dtypes.
@@ -87,7 +87,7 @@ class MicroAdam(LowMemOptimizer):
     One-dimensional parameters and those with fewer than ``min_compressed_numel`` elements (by
     default one block, 4096: biases, norms) keep AdamW's ``exp_avg``/``exp_avg_sq`` (DTensors like
     the parameter under FSDP2) and are updated by the same functional core as AdamW
-    (:func:`lightning_lowmem.optim.functional.block_adam_update_`): a 1-D tensor has no rows to
+    (:func:`lightning_lowmem.kernels.block_adam.block_adam_update_`): a 1-D tensor has no rows to
     align blocks to, and such tensors are a tiny fraction of a transformer (0.1% of GPT-2 small).
     :meth:`compressed_names` and :meth:`summary` say which parameters are compressed.
 
@@ -111,8 +111,9 @@ class MicroAdam(LowMemOptimizer):
             ``block_size``.
         maximize: maximize the objective instead of minimizing it.
         backend: ``"auto"`` (Triton for CUDA tensors when it imports, else ``torch.compile`` where
-            supported, else eager), ``"torch"``, ``"compile"`` or ``"triton"`` (CUDA, or CPU under
-            ``TRITON_INTERPRET=1``); see :mod:`lightning_lowmem.kernels.dispatch`.
+            supported, else eager), ``"torch"``, ``"compile"``, ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or ``"native"`` (the C kernel for the dense fp32 CPU tensors, the
+            compressed ones compiled); see :func:`lightning_lowmem.kernels.resolve`.
 
     Raises:
         ValueError: for a hyperparameter out of range, naming it, or a DTensor parameter that is

@@ -1,7 +1,8 @@
 """The optimizers a config can name: ``name -> factory(model, cfg) -> torch.optim.Optimizer``.
 
-A new optimizer registers itself where it is defined, and once that module is imported (list it in
-``lightning_lowmem/optim/__init__.py``) :class:`~lightning_lowmem.config.OptimConfig` accepts its name::
+A new optimizer registers itself where it is defined (:func:`register_optimizer`, from
+:mod:`lightning_lowmem.optim.names`); once the module holding that code is imported,
+:class:`~lightning_lowmem.config.OptimConfig` accepts its name::
 
     @register_optimizer("my_adam")
     def _my_adam(model: nn.Module, cfg: OptimConfig) -> Optimizer:
@@ -16,68 +17,21 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_lowmem.config import OptimConfig
 from lightning_lowmem.optim.adam_mini import AdamMini
 from lightning_lowmem.optim.block_adam import _decay_groups
 from lightning_lowmem.optim.eve import Eve
 from lightning_lowmem.optim.micro_adam import MicroAdam
+from lightning_lowmem.optim.names import OPTIMIZERS, available_optimizers, register_optimizer
 from lightning_lowmem.partition import BlockPlan, build_plan
 
-if TYPE_CHECKING:  # config.py validates names against this registry: import it lazily, no cycle
-    from lightning_lowmem.config import OptimConfig
-
 log = logging.getLogger(__name__)
-
-OptimizerFactory = Callable[[nn.Module, "OptimConfig"], Optimizer]
-_Factory = TypeVar("_Factory", bound=OptimizerFactory)
-
-#: The registered optimizer factories by name, in registration order.
-OPTIMIZERS: dict[str, OptimizerFactory] = {}
-
-
-def register_optimizer(name: str) -> Callable[[_Factory], _Factory]:
-    """Decorator adding a factory ``(model, cfg: OptimConfig) -> Optimizer`` to :data:`OPTIMIZERS`.
-
-    Args:
-        name: the name configs use to pick the optimizer.
-
-    Returns:
-        The decorator; it returns the factory unchanged.
-
-    Raises:
-        ValueError: if ``name`` is empty or already registered.
-
-    Example::
-
-        >>> @register_optimizer("sgd")
-        ... def _sgd(model, cfg):
-        ...     return torch.optim.SGD(model.parameters(), lr=cfg.lr)
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"An optimizer name must be a non-empty string, got {name!r}.")
-
-    def decorator(factory: _Factory) -> _Factory:
-        if name in OPTIMIZERS:
-            owner = OPTIMIZERS[name]
-            raise ValueError(
-                f"An optimizer named {name!r} is already registered ({owner.__module__}.{owner.__qualname__}); "
-                "register yours under another name."
-            )
-        OPTIMIZERS[name] = factory
-        return factory
-
-    return decorator
-
-
-def available_optimizers() -> tuple[str, ...]:
-    """The registered optimizer names, in registration order."""
-    return tuple(OPTIMIZERS)
 
 
 def create_optimizer(model: nn.Module, cfg: Any) -> Optimizer:
@@ -99,8 +53,6 @@ def create_optimizer(model: nn.Module, cfg: Any) -> Optimizer:
         >>> optimizer = create_optimizer(model, {"name": "adam_mini", "lr": 6e-4})
         >>> print(plan_of(optimizer))
     """
-    from lightning_lowmem.config import OptimConfig
-
     cfg = OptimConfig.from_any(cfg)
     return OPTIMIZERS[cfg.name](model, cfg)
 

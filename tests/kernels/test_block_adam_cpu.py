@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from _cases import ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.py
 
-import lightning_lowmem.optim.native_rows as native_rows
-from lightning_lowmem.kernels import block_adam_cpu, dispatch, native
+import lightning_lowmem.kernels.block_adam_native as native_rows
+from lightning_lowmem.kernels import block_adam_cpu, resolve
+from lightning_lowmem.kernels.block_adam import block_mean_sq
 from lightning_lowmem.optim.block_adam import layout_for
-from lightning_lowmem.optim.functional import block_adam, block_mean_sq
+from lightning_lowmem.optim.functional import block_adam
 from lightning_lowmem.partition import BlockSpec, ParamBlocks
 
 pytestmark = pytest.mark.skipif(not block_adam_cpu.rows_kernel_available(), reason="no C compiler on this machine")
@@ -84,7 +83,9 @@ def test_bf16_tensors_take_the_compiled_path(kernel_calls):
 def test_auto_takes_the_kernel_on_cpu(kernel_calls):
     _step_all("auto", torch.float32)
     assert len(kernel_calls) == 3
-    assert dispatch.rows_kernel_wanted("compile", torch.device("cpu")) is False
+    _step_all("compile", torch.float32)
+    assert len(kernel_calls) == 3  # "compile" never takes it
+    assert resolve("block_adam", "auto", "cpu").func is native_rows.block_adam_native_
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
@@ -110,45 +111,6 @@ def test_block_segments():
     assert native_rows.block_segments(heads_then_rows) is native_rows.block_segments(heads_then_rows)  # cached
     assert native_rows.block_segments(torch.zeros(5, dtype=torch.long)) == [(0, 5, 5, 0)]
     assert native_rows.block_segments(torch.tensor([0, 1, 0])) is None  # a block that is not one run
-
-
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    """An empty kernel cache, and no library loaded yet in this process (restored afterwards)."""
-    monkeypatch.setenv("LIGHTNING_LOWMEM_CACHE", str(tmp_path))
-    caches = (native.load_library, block_adam_cpu._kernel, dispatch._say_once)
-    for cache in caches:
-        cache.cache_clear()
-    yield tmp_path
-    monkeypatch.undo()
-    for cache in caches:
-        cache.cache_clear()
-
-
-def test_library_is_built_once_and_reused(fresh_build):
-    assert native.load_library("block_adam_rows") is not None
-    built = list((fresh_build / "kernels").glob("block_adam_rows-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    native.load_library.cache_clear()
-    assert native.load_library("block_adam_rows") is not None
-    assert [p.stat().st_mtime_ns for p in (fresh_build / "kernels").glob("block_adam_rows-*.so")] == [stamp]
-
-
-def test_without_a_compiler_native_warns_once_and_compiles(fresh_build, monkeypatch, kernel_calls):
-    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
-    assert native.find_compiler() is None
-    expected, _ = _step_all("torch", torch.float32)
-    with pytest.warns(RuntimeWarning, match="C kernel for AdamMini/Eve rows cannot be built"):
-        got, _ = _step_all("native", torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _step_all("native", torch.float32)
-        _step_all("auto", torch.float32)  # auto only logs
-    assert kernel_calls == []
-    for name in NAMES:
-        for e, g in zip(expected[name], got[name]):
-            torch.testing.assert_close(g, e, **TOL[torch.float32], msg=name)
 
 
 @pytest.mark.parametrize("name", ["AdamMini", "Eve"])

@@ -12,13 +12,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from lightning_lowmem.optim.block_adam import layout_for  # noqa: E402
-from lightning_lowmem.optim.functional import (  # noqa: E402
-    adam_step_scalars,
-    block_adam_update_,
-    block_adam_update_triton_,
-    block_mean_sq,
-    state_dtype,
-)
+from lightning_lowmem.kernels.block_adam import adam_step_scalars, block_adam_update_, block_mean_sq  # noqa: E402
+from lightning_lowmem.kernels.block_adam_triton import block_adam_update_triton_  # noqa: E402
+from lightning_lowmem.kernels.layout import state_dtype  # noqa: E402
 from _cases import DEVICE, ENTRIES, HPARAMS, TOL, make_tensors  # noqa: E402  (tests/kernels/_cases.py)
 
 from lightning_lowmem.partition import BlockSpec, ParamBlocks  # noqa: E402
@@ -81,12 +77,12 @@ def test_tolerance_catches_eps_inside_the_square_root():
 
 
 def test_auto_backend_picks_triton_only_for_cuda():
-    from lightning_lowmem.kernels.dispatch import resolve_update
+    from lightning_lowmem.kernels import resolve
+    from lightning_lowmem.kernels.block_adam_triton import block_adam_multi_update_triton_
 
-    cpu, _ = resolve_update(block_adam_update_, "auto", triton=block_adam_update_triton_, device=torch.device("cpu"))
-    assert cpu is not block_adam_update_triton_
-    explicit, wants_tensors = resolve_update(block_adam_update_, "triton", triton=block_adam_update_triton_)
-    assert explicit is block_adam_update_triton_ and not wants_tensors
+    assert resolve("block_adam", "auto", "cuda") is block_adam_multi_update_triton_
+    assert resolve("block_adam", "auto", "cpu") is not block_adam_multi_update_triton_
+    assert resolve("block_adam", "triton", "cpu") is block_adam_multi_update_triton_
 
 
 @pytest.mark.parametrize("name", ["AdamMini", "Eve"])

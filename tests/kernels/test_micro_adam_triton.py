@@ -18,18 +18,15 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from lightning_lowmem.kernels import micro_adam_triton as kernels  # noqa: E402
-from lightning_lowmem.kernels.dispatch import resolve_update  # noqa: E402
-from lightning_lowmem.optim.micro_adam_functional import (  # noqa: E402
+from lightning_lowmem.kernels import resolve  # noqa: E402
+from lightning_lowmem.kernels.micro_adam import micro_adam_update_, micro_adam_update_compiled_  # noqa: E402
+from lightning_lowmem.kernels.micro_adam_error_feedback import dequantize_add, quantize_4bit, quantize_into_  # noqa: E402
+from lightning_lowmem.kernels.micro_adam_layout import init_state, micro_adam_layout  # noqa: E402
+from lightning_lowmem.kernels.micro_adam_packing import pack_window_entries  # noqa: E402
+from lightning_lowmem.kernels.micro_adam_triton import micro_adam_update_triton_  # noqa: E402
+from lightning_lowmem.kernels.micro_adam_window import (  # noqa: E402
     apply_window_update_,
     bias_factors,
-    dequantize_add,
-    init_state,
-    micro_adam_layout,
-    micro_adam_update_,
-    micro_adam_update_triton_,
-    pack_window_entries,
-    quantize_4bit,
-    quantize_into_,
     window_ages,
     window_weights,
 )
@@ -175,16 +172,16 @@ def test_zero_gradient_first_step_is_finite():
     assert torch.equal(param, before)
 
 
-def test_dispatch_picks_triton_for_cuda_and_the_reference_elsewhere():
-    triton_fn, tensors = resolve_update(micro_adam_update_, "auto", triton=micro_adam_update_triton_,
-                                        device=torch.device("cuda"))
-    assert triton_fn is micro_adam_update_triton_ and not tensors
-    eager, _ = resolve_update(micro_adam_update_, "torch", triton=micro_adam_update_triton_, device=torch.device("cuda"))
-    assert eager is micro_adam_update_
-    cpu, _ = resolve_update(micro_adam_update_, "auto", triton=micro_adam_update_triton_, device=torch.device("cpu"))
-    assert cpu is not micro_adam_update_triton_
-    with pytest.raises(ValueError, match="There is no Triton kernel for micro_adam_update_; choose backend"):
-        resolve_update(micro_adam_update_, "triton")
+def test_resolve_picks_triton_for_cuda_and_the_compiled_reference_elsewhere():
+    assert resolve("micro_adam", "auto", "cuda") is micro_adam_update_triton_
+    assert resolve("micro_adam", "torch", "cuda") is micro_adam_update_
+    assert resolve("micro_adam", "triton", "cpu") is micro_adam_update_triton_  # explicit: the interpreter
+    assert resolve("micro_adam", "auto", "cpu") is micro_adam_update_compiled_
+    assert resolve("micro_adam", "native", "cpu") is micro_adam_update_compiled_  # no C kernel for MicroAdam
+    with pytest.raises(ValueError, match="Invalid backend 'cuda'"):
+        resolve("micro_adam", "cuda", "cpu")
+    with pytest.raises(ValueError, match="Unknown op 'adam'"):
+        resolve("adam", "auto", "cpu")
 
 
 def test_optimizer_with_triton_backend_follows_the_reference_on_every_parameter():

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 from _gloo import collectives_in, finish, init, spawn
-import lightning_lowmem.optim.native_rows as native_rows
+import lightning_lowmem.kernels.block_adam_native as native_rows
 from lightning_lowmem.optim import BlockAdam
 from lightning_lowmem.partition import BlockPlan, BlockSpec, ParamBlocks
 

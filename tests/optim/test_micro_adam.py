@@ -17,17 +17,11 @@ import torch
 from torch import nn
 
 from lightning_lowmem import MicroAdam
-from lightning_lowmem.optim.micro_adam_functional import (
-    block_offsets,
-    dequantize_4bit,
-    init_state,
-    micro_adam_layout,
-    micro_adam_update_,
-    pack_window_entries,
-    quantize_4bit,
-    topk_count,
-    unpack_window_entries,
-)
+from lightning_lowmem.kernels.micro_adam import micro_adam_update_
+from lightning_lowmem.kernels.micro_adam_error_feedback import dequantize_4bit, quantize_4bit
+from lightning_lowmem.kernels.micro_adam_layout import init_state, micro_adam_layout, topk_count
+from lightning_lowmem.kernels.micro_adam_packing import pack_window_entries, unpack_window_entries
+from lightning_lowmem.kernels.micro_adam_window import block_offsets
 
 BETAS = (0.9, 0.999)
 
