@@ -199,6 +199,10 @@ register("block_adam", "triton", f"{_HERE}.block_adam_triton:block_adam_multi_up
          check=f"{_HERE}.backends:triton_unavailable")
 register("block_adam", "native", f"{_HERE}.block_adam_native:block_adam_native_", devices=("cpu",),
          check=f"{_HERE}.backends:native_unavailable")
+# the momentum formats of AdamMini/Eve (bf16, int8, int4) and bf16 parameters with stochastic rounding;
+# its "compile" implementation runs the reference eagerly; "native" and "triton" are the fused passes
+register("block_adam_quantized", "torch", f"{_HERE}.block_adam_quantized:block_adam_quantized_multi_update_")
+register("block_adam_quantized", "compile", f"{_HERE}.block_adam_quantized:block_adam_quantized_multi_update_")
 register("micro_adam", "torch", f"{_HERE}.micro_adam:micro_adam_update_")
 register("micro_adam", "compile", f"{_HERE}.micro_adam:micro_adam_update_compiled_")
 register("micro_adam", "triton", f"{_HERE}.micro_adam_triton:micro_adam_update_triton_", devices=("cuda",),

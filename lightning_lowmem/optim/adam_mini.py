@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lightning_lowmem.kernels.momentum_formats import DEFAULT_BLOCK
 from lightning_lowmem.optim.base import ParamsLike
 from lightning_lowmem.optim.block_adam import BlockAdam
 from lightning_lowmem.optim.hparams import check_choice
@@ -46,7 +47,11 @@ class AdamMini(BlockAdam):
         no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
+        exp_avg_dtype: str = "fp32",
+        exp_avg_block: int = DEFAULT_BLOCK,
+        stochastic_rounding: bool = False,
     ) -> None:
         check_choice("preset for AdamMini", preset, ADAM_MINI_PRESETS)
         super().__init__(params, lr, betas, eps, weight_decay, plan=plan, preset=preset, rules=rules,
-                         no_decay=no_decay, maximize=maximize, backend=backend)
+                         no_decay=no_decay, maximize=maximize, backend=backend, exp_avg_dtype=exp_avg_dtype,
+                         exp_avg_block=exp_avg_block, stochastic_rounding=stochastic_rounding)

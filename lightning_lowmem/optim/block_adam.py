@@ -16,8 +16,10 @@ from torch import nn
 
 from lightning_lowmem.kernels import RowLayout, check_backend, state_dtype
 from lightning_lowmem.kernels.block_adam import block_mean_sq
+from lightning_lowmem.kernels.momentum_formats import DEFAULT_BLOCK, MomentumFormat, QuantizedMomentum
 from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, param_groups_from
 from lightning_lowmem.optim.functional import block_adam
+from lightning_lowmem.optim.momentum_state import SCALE_KEY, check_momentum_state, convert_momentum_, group_format, new_momentum
 from lightning_lowmem.optim.sharding import ParamSharding, all_reduce_block_means, to_local
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
@@ -52,6 +54,13 @@ class BlockAdam(LowMemOptimizer):
         maximize: maximize the objective instead of minimizing it.
         backend: ``"auto"``, ``"torch"``, ``"compile"``, ``"triton"`` or ``"native"``
             (see :func:`lightning_lowmem.kernels.resolve`).
+        exp_avg_dtype: how the momentum is stored: ``"fp32"`` (the parameter's dtype, as
+            ``torch.optim.AdamW``), ``"bf16"`` (stochastic rounding), ``"int8"`` or ``"int4"``
+            (blockwise codes; parameters of fewer than 2 dims keep ``"fp32"``); see
+            :mod:`lightning_lowmem.kernels.momentum_formats`.
+        exp_avg_block: entries of one row per scale of ``"int8"``/``"int4"`` (even for int4).
+        stochastic_rounding: write bf16 parameters with stochastic rounding, so that updates below
+            half a bf16 step are kept on average.
 
     Raises:
         ValueError: for a hyperparameter out of range, a parameter without a name or missing from
@@ -77,9 +86,13 @@ class BlockAdam(LowMemOptimizer):
         no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
+        exp_avg_dtype: str = "fp32",
+        exp_avg_block: int = DEFAULT_BLOCK,
+        stochastic_rounding: bool = False,
     ) -> None:
         check_adam_hparams(lr, betas, eps, weight_decay)
         check_backend(backend)
+        MomentumFormat.of(exp_avg_dtype, exp_avg_block)
         model = params if isinstance(params, nn.Module) else None
         groups, user_grouped = param_groups_from(params)
         named = _named_parameters_of(groups, type(self).__name__)
@@ -88,7 +101,9 @@ class BlockAdam(LowMemOptimizer):
         _check_plan_covers(plan, named)
         if not user_grouped:
             groups = _decay_groups(named, plan, no_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
+                        exp_avg_dtype=exp_avg_dtype, exp_avg_block=exp_avg_block,
+                        stochastic_rounding=bool(stochastic_rounding))
         super().__init__(groups, defaults)
         self.plan = plan
         self.backend = backend
@@ -119,10 +134,14 @@ class BlockAdam(LowMemOptimizer):
             self._placements[param] = placement
         return placement
 
-    def _init_state(self, name: str, param: torch.Tensor, placement: _Placement) -> dict[str, Any]:
+    def _momentum_format(self, name: str, param: torch.Tensor, group: dict[str, Any]) -> MomentumFormat | None:
+        """The stored format of ``param``'s momentum, ``None`` for a tensor in the parameter's dtype."""
+        return group_format(group, param, banked=_split_banks(self._entry(name)))
+
+    def _init_state(self, name: str, param: torch.Tensor, placement: _Placement, group: dict[str, Any]) -> dict[str, Any]:
         entry, state = self._entry(name), self.state[param]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state.update(new_momentum(param, self._momentum_format(name, param, group)))
         if placement.layout.elementwise:
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
         else:
@@ -143,20 +162,25 @@ class BlockAdam(LowMemOptimizer):
             if grad is None:
                 continue
             placement = self._placement(name, p)
-            state = self.state[p] or self._init_state(name, p, placement)
-            batch.add(p, grad, state, placement)
+            state = self.state[p] or self._init_state(name, p, placement, group)
+            fmt = self._momentum_format(name, p, group)
+            if fmt is None and group["stochastic_rounding"] and p.dtype == torch.bfloat16:
+                fmt = MomentumFormat("fp32")  # the momentum as it is, the parameter rounded at random
+            batch.add(p, grad, state, placement, fmt)
         return batch
 
     def _check_param_state(self, name: str, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         owner = type(self).__name__
-        if set(state) != STATE_KEYS:
+        fmt = self._momentum_format(name, param, group)
+        keys = STATE_KEYS | {SCALE_KEY} if fmt is not None and fmt.quantized else STATE_KEYS
+        if set(state) != keys:
             raise ValueError(
                 f"Cannot load optimizer state for {name!r}: it has the keys {sorted(state)}, "
-                f"{owner} keeps {sorted(STATE_KEYS)}. The checkpoint was written by another optimizer; "
+                f"{owner} keeps {sorted(keys)}. The checkpoint was written by another optimizer; "
                 "resume with that optimizer, or load only the model weights."
             )
         entry = self._entry(name)
-        expected = {"exp_avg": tuple(param.shape), "exp_avg_sq": entry.state_shape()}
+        expected = {"exp_avg_sq": entry.state_shape(), **check_momentum_state(name, param, fmt, state)}
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
                 raise ValueError(
@@ -164,6 +188,11 @@ class BlockAdam(LowMemOptimizer):
                     f"but this {owner} plan ({entry.kind} blocks) expects {list(shape)}. The checkpoint was "
                     "written with another optimizer or partition; use the same preset and rules."
                 )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; a momentum saved in another ``exp_avg_dtype`` (or block) is converted
+        to this optimizer's, with one log line (see :func:`~lightning_lowmem.optim.momentum_state.convert_momentum_`)."""
+        super().load_state_dict(convert_momentum_(self, state_dict))
 
     # ---- step ----------------------------------------------------------------------------------
 
@@ -176,7 +205,7 @@ class BlockAdam(LowMemOptimizer):
                 loss = closure()
         batches = [(group, self._init_group(group)) for group in self.param_groups]
         _reduce_block_means([batch for _, batch in batches])
-        for group, batch in batches:
+        for index, (group, batch) in enumerate(batches):
             if not batch.params:
                 continue
             beta1, beta2 = group["betas"]
@@ -195,6 +224,9 @@ class BlockAdam(LowMemOptimizer):
                 maximize=group["maximize"],
                 mean_sqs=batch.mean_sqs,
                 backend=self.backend,
+                formats=batch.formats,
+                stochastic_rounding=group["stochastic_rounding"],
+                seed=index << 20,
             )
         return loss
 
@@ -221,21 +253,27 @@ class _GroupBatch:
     layouts: list[RowLayout] = dataclasses.field(default_factory=list)
     placements: list[_Placement] = dataclasses.field(default_factory=list)
     mean_sqs: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    formats: list[MomentumFormat | None] = dataclasses.field(default_factory=list)
 
-    def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement) -> None:
+    def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement,
+            fmt: MomentumFormat | None) -> None:
         if placement.bank_shape is not None:
-            self._add_banks(param, grad, state, placement)
+            self._add_banks(param, grad, state, placement, fmt)
             return
         self.params.append(to_local(param))
         self.grads.append(to_local(grad))
-        self.exp_avgs.append(to_local(state["exp_avg"]))
+        exp_avg = to_local(state["exp_avg"])
+        scales = state.get(SCALE_KEY)
+        self.exp_avgs.append(exp_avg if fmt is None else QuantizedMomentum(exp_avg, None if scales is None else to_local(scales)))
+        self.formats.append(fmt)
         self.exp_avg_sqs.append(to_local(state["exp_avg_sq"]))
         self.steps.append(state["step"])
         self.layouts.append(placement.layout)
         self.placements.append(placement)
         self.mean_sqs.append(None)
 
-    def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement) -> None:
+    def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement,
+                   fmt: MomentumFormat | None) -> None:
         """Each local bank (expert) as its own tensor: views of the parameter, gradient and state.
         The functional core increments every step it is given, so banks after the first get a copy."""
         shape = placement.bank_shape
@@ -245,7 +283,8 @@ class _GroupBatch:
         for b in range(views[0].shape[0]):
             self.params.append(views[0][b])
             self.grads.append(views[1][b])
-            self.exp_avgs.append(views[2][b])
+            self.exp_avgs.append(views[2][b] if fmt is None else QuantizedMomentum(views[2][b]))
+            self.formats.append(fmt)
             self.exp_avg_sqs.append(v[b])
             self.steps.append(state["step"] if b == 0 else state["step"].clone())
             self.layouts.append(placement.layout)

@@ -20,12 +20,13 @@ from torch import Tensor
 
 from lightning_lowmem.kernels import RowLayout, resolve
 from lightning_lowmem.kernels.block_adam import adam_step_scalars
+from lightning_lowmem.kernels.momentum_formats import MomentumFormat, QuantizedMomentum, step_seed
 
 
 def block_adam(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avgs: list[Tensor],
+    exp_avgs: list[Tensor | QuantizedMomentum],
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     layouts: list[RowLayout],
@@ -38,28 +39,44 @@ def block_adam(
     maximize: bool = False,
     mean_sqs: list[Tensor | None] | None = None,
     backend: str = "torch",
+    formats: list[MomentumFormat | None] | None = None,
+    stochastic_rounding: bool = False,
+    seed: int = 0,
 ) -> None:
     """One step over lists of tensors (increments ``state_steps``).
 
     Args:
+        exp_avgs: per tensor, the momentum: a tensor, or a :class:`QuantizedMomentum` stored in
+            its ``formats`` entry (those tensors go to the ``block_adam_quantized`` op).
         layouts: per tensor, how its rows share second moments.
         mean_sqs: per tensor, an already reduced block mean of ``g**2`` or ``None``.
         backend: one of :data:`lightning_lowmem.kernels.BACKENDS`, resolved by
             :func:`lightning_lowmem.kernels.resolve` for the tensors' device.
+        formats: per tensor, the :class:`MomentumFormat` of a :class:`QuantizedMomentum`, else ``None``.
+        stochastic_rounding: write bf16 parameters of the quantized op with stochastic rounding.
+        seed: mixed with the step and each tensor's position into the seeds of stochastic rounding.
     """
     if not params:
         return
     if mean_sqs is None:
         mean_sqs = [None] * len(params)
+    if formats is None:
+        formats = [None] * len(params)
     torch._foreach_add_(state_steps, 1)
     # tensors usually share a step; those that do share the step's scalars
     by_step: dict[tuple[float, torch.dtype], list[int]] = {}
     for i, step in enumerate(torch.stack(state_steps).tolist()):
         by_step.setdefault((step, exp_avg_sqs[i].dtype), []).append(i)
-    update = resolve("block_adam", backend, params[0].device)
     tensors = (params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs)
     for (step, _), indices in by_step.items():
         step_size, bias_correction2_sqrt = adam_step_scalars(step, lr, beta1, beta2)
-        update(*([x[i] for i in indices] for x in tensors), lr=lr, step_size=step_size,
-               bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1, beta2=beta2, eps=eps,
-               weight_decay=weight_decay, maximize=maximize)
+        hparams = dict(lr=lr, step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, beta1=beta1,
+                       beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        plain = [i for i in indices if formats[i] is None]
+        stored = [i for i in indices if formats[i] is not None]
+        if plain:
+            resolve("block_adam", backend, params[0].device)(*([x[i] for i in plain] for x in tensors), **hparams)
+        if stored:
+            resolve("block_adam_quantized", backend, params[0].device)(
+                *([x[i] for i in stored] for x in tensors), [formats[i] for i in stored],
+                [step_seed(seed + i, step) for i in stored], stochastic_rounding=stochastic_rounding, **hparams)
