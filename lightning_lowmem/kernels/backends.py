@@ -203,6 +203,8 @@ register("block_adam", "native", f"{_HERE}.block_adam_native:block_adam_native_"
 # its "compile" implementation runs the reference eagerly; "native" and "triton" are the fused passes
 register("block_adam_quantized", "torch", f"{_HERE}.block_adam_quantized:block_adam_quantized_multi_update_")
 register("block_adam_quantized", "compile", f"{_HERE}.block_adam_quantized:block_adam_quantized_multi_update_")
+register("block_adam_quantized", "triton", f"{_HERE}.block_adam_quantized_triton:block_adam_quantized_triton_",
+         devices=("cuda",), check=f"{_HERE}.backends:triton_unavailable")
 register("block_adam_quantized", "native", f"{_HERE}.block_adam_quantized_native:block_adam_quantized_native_",
          devices=("cpu",), check=f"{_HERE}.block_adam_quantized_native:quantized_kernel_unavailable")
 register("micro_adam", "torch", f"{_HERE}.micro_adam:micro_adam_update_")
