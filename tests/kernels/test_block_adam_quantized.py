@@ -1,0 +1,127 @@
+"""The ``block_adam_quantized`` op: the C kernel and the Triton kernel (interpreter) against the
+PyTorch reference on awkward shapes (tests/kernels/_cases.py), for every momentum format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_lowmem.kernels.block_adam_quantized_native as native_q
+from lightning_lowmem.kernels import resolve
+from lightning_lowmem.kernels.block_adam import adam_step_scalars, block_mean_sq
+from lightning_lowmem.kernels.block_adam_quantized import block_adam_quantized_multi_update_
+from lightning_lowmem.kernels.momentum_formats import MomentumFormat, decode
+from lightning_lowmem.optim.block_adam import layout_for
+from _cases import DEVICE, ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.py
+
+FORMATS = [MomentumFormat.of("int8", 128), MomentumFormat.of("int8", 5), MomentumFormat.of("int4", 64),
+           MomentumFormat.of("int4", 6), MomentumFormat.of("bf16")]
+SHAPES = [name for name in sorted(ENTRIES) if len(ENTRIES[name].shape) >= 2]
+
+
+def _run(update, entry, fmt, dtype=torch.float32, *, maximize=False, reduced_means=False, rounding=False):
+    (p, m, v), grads = make_tensors(entry, dtype)
+    if not fmt.applies_to(p):
+        pytest.skip("int8/int4 keep fp32 momentum for tensors of fewer than 2 dims")
+    layout = layout_for(entry, torch.device(DEVICE))
+    state = fmt.new_state(tuple(p.shape), p.device)
+    for t, g in enumerate(grads, start=1):
+        step_size, bc2 = adam_step_scalars(t, HPARAMS["lr"], HPARAMS["beta1"], HPARAMS["beta2"])
+        mean_sq = block_mean_sq(g, layout) if reduced_means and not layout.elementwise else None
+        update([p], [g], [state], [v], [layout], [mean_sq], [fmt], [1000 + t], stochastic_rounding=rounding,
+               step_size=step_size, bias_correction2_sqrt=bc2, maximize=maximize, **HPARAMS)
+    return p, decode(state, fmt, p.shape), v, state
+
+
+def _assert_matches(got, expected, fmt, dtype=torch.float32):
+    (p, m, v, state), (p_ref, m_ref, v_ref, state_ref) = got, expected
+    assert state.codes.dtype == state_ref.codes.dtype == fmt.dtype
+    torch.testing.assert_close(v, v_ref, **TOL[torch.float32])
+    if fmt.quantized:
+        # an int code one step off (a rounding boundary) moves the next steps' update by a fraction
+        # of lr / 127; everywhere else the parameters agree to fp32 rounding
+        close = torch.isclose(p.float(), p_ref.float(), **TOL[dtype])
+        assert close.float().mean() > 0.99 and (p.float() - p_ref.float()).abs().max() <= HPARAMS["lr"] / 50
+    else:
+        torch.testing.assert_close(p.float(), p_ref.float(), **TOL[dtype])
+    if fmt.quantized:
+        torch.testing.assert_close(state.scales, state_ref.scales, atol=1e-9, rtol=1e-5)
+        # codes may differ by one where fp32 arithmetic lands on a rounding boundary; not elsewhere
+        step = state_ref.scales.max() * (0.3 if fmt.name == "int4" else 1.0)
+        assert (m - m_ref).abs().max() <= step * 1.001
+        assert (~torch.isclose(m, m_ref, atol=1e-12, rtol=1e-5)).float().mean() < 0.01
+    else:
+        torch.testing.assert_close(m, m_ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"{f.name}_{f.block}")
+@pytest.mark.parametrize("name", SHAPES)
+def test_native_equals_reference(name, fmt):
+    if not native_q.quantized_kernel_build().library:
+        pytest.skip(f"the C kernel cannot be built here: {native_q.quantized_kernel_build().problem}")
+    native = resolve("block_adam_quantized", "native", "cpu")
+    entry = ENTRIES[name]
+    expected = _run(block_adam_quantized_multi_update_, entry, fmt)
+    _assert_matches(_run(native, entry, fmt), expected, fmt)
+    for kwargs in (dict(maximize=True), dict(reduced_means=True)):
+        _assert_matches(_run(native, entry, fmt, **kwargs), _run(block_adam_quantized_multi_update_, entry, fmt, **kwargs), fmt)
+
+
+def test_native_hands_bf16_parameters_to_the_reference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(native_q, "_run", lambda *a: calls.append(a))
+    native = resolve("block_adam_quantized", "native", "cpu")
+    fmt, entry = MomentumFormat.of("int8"), ENTRIES["row_123x431"]
+    got = _run(native, entry, fmt, torch.bfloat16, rounding=True)
+    assert not calls
+    _assert_matches(got, _run(block_adam_quantized_multi_update_, entry, fmt, torch.bfloat16, rounding=True), fmt,
+                    torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", [FORMATS[1], FORMATS[3], FORMATS[4]], ids=lambda f: f"{f.name}_{f.block}")
+@pytest.mark.parametrize("name", ["head_of_3_rows", "fused_qkv", "transposed_heads", "full_6x42", "row_1x1"])
+def test_triton_equals_reference(name, fmt):
+    pytest.importorskip("triton")
+    from lightning_lowmem.kernels.block_adam_quantized_triton import block_adam_quantized_triton_
+
+    entry = ENTRIES[name]
+    _assert_matches(_run(block_adam_quantized_triton_, entry, fmt), _run(block_adam_quantized_multi_update_, entry, fmt), fmt)
+    kwargs = dict(maximize=True, reduced_means=True)
+    _assert_matches(_run(block_adam_quantized_triton_, entry, fmt, **kwargs),
+                    _run(block_adam_quantized_multi_update_, entry, fmt, **kwargs), fmt)
+
+
+@pytest.mark.parametrize("fmt", [MomentumFormat("fp32"), FORMATS[4]], ids=["fp32", "bf16"])
+def test_triton_rounds_bf16_parameters_as_the_reference(fmt):
+    """The same random bits: bf16 parameters and momentum round as in the reference (but where an
+    fp32 value one ulp apart lands on the other side of a random threshold: rare)."""
+    pytest.importorskip("triton")
+    from lightning_lowmem.kernels.block_adam_quantized_triton import block_adam_quantized_triton_
+
+    entry = ENTRIES["row_wide_3x2500"]
+    got = _run(block_adam_quantized_triton_, entry, fmt, torch.bfloat16, rounding=True)
+    expected = _run(block_adam_quantized_multi_update_, entry, fmt, torch.bfloat16, rounding=True)
+    assert got[0].dtype == torch.bfloat16
+    assert (got[0] != expected[0]).float().mean() < 1e-3
+    torch.testing.assert_close(got[1], expected[1], atol=1e-9, rtol=1e-5 if fmt.name == "fp32" else 0)
+    if fmt.name == "bf16":
+        assert (got[1] != expected[1]).float().mean() < 1e-3
+
+
+def test_stochastic_rounding_keeps_updates_below_half_a_bf16_step():
+    """A bf16 parameter at 1.0 moved by 1e-4 per step (1/78 of a bf16 step): round to nearest never
+    moves it; stochastic rounding moves it by the sum of the updates on average."""
+    n, steps = 4096, 200
+    layout = layout_for(ENTRIES["full_6x42"], torch.device("cpu"))
+    results = {}
+    for rounding in (False, True):
+        p = torch.ones(n, 1, dtype=torch.bfloat16)
+        m, v = MomentumFormat("fp32").new_state((n, 1), "cpu"), torch.ones(n, 1)
+        for t in range(steps):
+            block_adam_quantized_multi_update_(
+                [p], [torch.ones(n, 1, dtype=torch.bfloat16)], [m], [v], [layout], [None], [MomentumFormat("fp32")],
+                [t], stochastic_rounding=rounding, lr=0.0, step_size=1e-4, bias_correction2_sqrt=1.0, beta1=0.0,
+                beta2=1.0 - 1e-12, eps=0.0, weight_decay=0.0, maximize=False)
+        results[rounding] = p.float().mean().item()
+    assert results[False] == 1.0
+    assert abs(results[True] - (1.0 - steps * 1e-4)) < 2e-3
