@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_lowmem.kernels.dispatch import check_backend
-from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike
+from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, check_torch_options
 from lightning_lowmem.optim.functional import RowLayout, block_adam, state_dtype
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.optim.micro_adam_functional import (
@@ -113,10 +113,14 @@ class MicroAdam(LowMemOptimizer):
         backend: ``"auto"`` (Triton for CUDA tensors when it imports, else ``torch.compile`` where
             supported, else eager), ``"torch"``, ``"compile"`` or ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1``); see :mod:`lightning_lowmem.kernels.dispatch`.
+        **torch_options: ``torch.optim.AdamW``'s ``foreach``, ``fused``, ``capturable`` and
+            ``differentiable`` are accepted as ``None``/``False`` only; a true value raises a
+            ``ValueError`` that says what ``backend`` does instead.
 
     Raises:
-        ValueError: for a hyperparameter out of range, naming it, or a DTensor parameter that is
-            not sharded on dim 0 of a 1-D mesh (or replicated).
+        ValueError: for a hyperparameter out of range, naming it, a torch implementation switch
+            (``fused=True``, ...), or a DTensor parameter that is not sharded on dim 0 of a 1-D mesh
+            (or replicated).
 
     Example::
 
@@ -140,7 +144,9 @@ class MicroAdam(LowMemOptimizer):
         min_compressed_numel: int | None = None,
         maximize: bool = False,
         backend: str = "auto",
+        **torch_options: Any,
     ) -> None:
+        check_torch_options(type(self).__name__, torch_options)
         check_adam_hparams(lr, betas, eps, weight_decay)
         check_micro_adam_hparams(window, density, block_size, quant_bucket)
         _check_error_feedback(error_feedback)

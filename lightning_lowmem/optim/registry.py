@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_lowmem.optim.adam_mini import AdamMini
+from lightning_lowmem.optim.adamw import NamedAdamW
 from lightning_lowmem.optim.block_adam import _decay_groups
 from lightning_lowmem.optim.eve import Eve
 from lightning_lowmem.optim.micro_adam import MicroAdam
@@ -146,11 +147,14 @@ def _block_adam_kwargs(cfg: OptimConfig) -> dict[str, Any]:
 
 @register_optimizer("adamw")
 def _adamw(model: nn.Module, cfg: OptimConfig) -> Optimizer:
-    """``torch.optim.AdamW`` with the block optimizers' weight-decay groups (``rules``/``backend`` unused)."""
+    """``torch.optim.AdamW`` with the block optimizers' weight-decay groups (``rules``/``backend`` unused),
+    naming the plain tensors of groups added later from ``model``."""
     if cfg.rules:
         log.warning("adamw has no blocks: the rules %s are ignored.", cfg.rules)
-    return torch.optim.AdamW(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    optimizer = NamedAdamW(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay)
+    optimizer.bind_model(model)  # BaseFinetuning's plain groups get names from it
+    return optimizer
 
 
 @register_optimizer("adam_mini")
@@ -176,5 +180,7 @@ def _micro_adam(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     """``MicroAdam``: a window of 1%-sparse gradients plus 4-bit error feedback (about 1 byte/param)."""
     if cfg.rules:
         log.warning("micro_adam has no blocks: the rules %s are ignored.", cfg.rules)
-    return MicroAdam(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                     weight_decay=cfg.weight_decay, backend=cfg.backend)
+    optimizer = MicroAdam(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                          weight_decay=cfg.weight_decay, backend=cfg.backend)
+    optimizer.bind_model(model)  # BaseFinetuning's plain groups get names from it
+    return optimizer
