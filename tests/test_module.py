@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lowmem import AdamMini, Eve, LowMemOptimizerMixin, OptimConfig, SchedulerConfig
+from lightning_lowmem.optim import NamedAdamW
 from lightning_lowmem.optim.schedulers import lr_multiplier
 from lightning_lowmem.partition import build_plan
 
@@ -155,7 +156,8 @@ def test_attribute_config_and_adamw_has_no_plan():
 
     model = WithAttribute()
     out = model.configure_optimizers()
-    assert type(out["optimizer"]) is torch.optim.AdamW and out["optimizer"].param_groups[0]["lr"] == 0.02
+    assert type(out["optimizer"]) is NamedAdamW and out["optimizer"].param_groups[0]["lr"] == 0.02
+    assert isinstance(out["optimizer"], torch.optim.AdamW)
     assert model.lowmem_plan is None
 
 
@@ -169,7 +171,8 @@ def test_missing_config_says_where_to_put_it():
     message = (
         "LitTiny has no optimizer config for LowMemOptimizerMixin. Either give the model an `optim` argument "
         "and call self.save_hyperparameters() in __init__ (it is read from self.hparams.optim; with LightningCLI: "
-        "--model.optim.name=adam_mini), or set self.lowmem_optim_config = OptimConfig(...) (or a dict) in __init__. "
+        "--model.optim.name=adam_mini), set self.lowmem_optim_config = OptimConfig(...) (or a dict) in __init__, "
+        "or set self.lowmem_optimizer = AdamMini (or LightningCLI's OptimizerCallable) to build it from the module. "
         "Optimizers: adamw, adam_mini, adam_mini_paper, eve"
     )
     with pytest.raises(ValueError, match=re.escape(message)):

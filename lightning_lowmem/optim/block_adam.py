@@ -357,6 +357,24 @@ def _check_plan_covers(plan: BlockPlan, named: list[tuple[str, torch.Tensor]]) -
         )
 
 
+def model_decay_groups(model: nn.Module, no_decay: Sequence[str] = NO_DECAY_ROLES) -> list[dict[str, Any]]:
+    """The decayed / not-decayed param groups of ``model``'s trainable parameters, by their roles.
+
+    These are the groups :class:`BlockAdam` builds (roles come from the model's structure and do not
+    depend on the preset), with ``(name, parameter)`` pairs so a state dict is named.
+
+    Example::
+
+        >>> [len(g["params"]) for g in model_decay_groups(model, ("bias", "norm"))]
+        [4, 6]
+    """
+    with warnings.catch_warnings():  # the plan's block fallbacks are irrelevant here: only roles are read
+        warnings.simplefilter("ignore", UserWarning)
+        plan = build_plan(model, "adam_mini")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return _decay_groups(named, plan, no_decay)
+
+
 def _decay_groups(
     named: list[tuple[str, torch.Tensor]], plan: BlockPlan, no_decay: Sequence[str]
 ) -> list[dict[str, Any]]:

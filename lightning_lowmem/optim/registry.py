@@ -15,20 +15,18 @@ baseline for an ``adam_mini`` or ``eve`` run of the same config.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_lowmem.optim.adam_mini import AdamMini
 from lightning_lowmem.optim.adamw import NamedAdamW
-from lightning_lowmem.optim.block_adam import _decay_groups
+from lightning_lowmem.optim.block_adam import model_decay_groups
 from lightning_lowmem.optim.eve import Eve
 from lightning_lowmem.optim.micro_adam import MicroAdam
-from lightning_lowmem.partition import BlockPlan, build_plan
+from lightning_lowmem.partition import BlockPlan
 
 if TYPE_CHECKING:  # config.py validates names against this registry: import it lazily, no cycle
     from lightning_lowmem.config import OptimConfig
@@ -131,12 +129,7 @@ def decay_groups(model: nn.Module, no_decay: tuple[str, ...]) -> list[dict[str, 
     Returns:
         One group of decayed parameters and one with ``weight_decay=0.0`` (an empty one is left out).
     """
-    with warnings.catch_warnings():
-        # The plan's block fallbacks are irrelevant here: only the roles are read.
-        warnings.simplefilter("ignore", UserWarning)
-        plan = build_plan(model, "adam_mini")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return _decay_groups(named, plan, no_decay)
+    return model_decay_groups(model, no_decay)
 
 
 def _block_adam_kwargs(cfg: OptimConfig) -> dict[str, Any]:
@@ -151,10 +144,8 @@ def _adamw(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     naming the plain tensors of groups added later from ``model``."""
     if cfg.rules:
         log.warning("adamw has no blocks: the rules %s are ignored.", cfg.rules)
-    optimizer = NamedAdamW(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay)
-    optimizer.bind_model(model)  # BaseFinetuning's plain groups get names from it
-    return optimizer
+    return NamedAdamW(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      no_decay=cfg.no_decay)
 
 
 @register_optimizer("adam_mini")
