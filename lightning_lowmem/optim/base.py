@@ -208,12 +208,12 @@ class LowMemOptimizer(ModelNamedGroups, Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy or pickle (the bound model is not carried), or the state ``load_state_dict`` sets."""
         super().__setstate__(state)
         self._reset_caches()
 
     def _reset_caches(self) -> None:
-        """Rebuild what ``__getstate__`` leaves out (caches keyed by tensors); the bound model is not kept."""
-        self._model_ref = None
+        """Rebuild what ``__getstate__`` leaves out (caches keyed by tensors)."""
 
     # ---- state dict ----------------------------------------------------------------------------
 

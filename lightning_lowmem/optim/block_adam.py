@@ -105,11 +105,12 @@ class BlockAdam(LowMemOptimizer):
         elif plan is None:  # names and shapes only; frozen tensors get blocks too, should they be unfrozen
             plan = build_plan_from_named_parameters([(n, p if p.requires_grad else p.shape) for n, p in named], preset, rules)
         _check_plan_covers(plan, named)
-        if not user_grouped:
-            groups = _decay_groups(named, plan, no_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         self.plan = plan
         self.preset, self.rules = preset, rules
+        self._plan_new(named)  # frozen parameters a given plan lacks: blocks by name (their roles decide decay)
+        if not user_grouped:
+            groups = _decay_groups(named, self.plan, no_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize)
         super().__init__(groups, defaults)
         if model is not None:
             self.bind_model(model)
