@@ -118,3 +118,11 @@ def test_a_refused_argument_fails_with_its_message(tmp_path):
     with pytest.raises(TypeError, match=r"Injected.lowmem_optimizer is called with the module itself, and refused it: "
                                         r"'Injected' object is not iterable. Use an optimizer that takes a model"):
         Injected(optimizer=torch.optim.SGD).configure_optimizers()
+
+
+def test_lightning_cli_own_optimizer_option_is_refused_with_the_injection_route():
+    model = Injected()
+    with pytest.raises(ValueError, match=r"With LightningCLI, whose --optimizer passes model.parameters\(\), inject the "
+                                        r"optimizer into the model instead: an OptimizerCallable argument set as "
+                                        r"self.lowmem_optimizer of LowMemOptimizerMixin"):
+        AdamMini(model.parameters())  # what LightningCLI(optimizer=...) calls

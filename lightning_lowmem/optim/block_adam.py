@@ -326,7 +326,9 @@ def _named_parameters_of(groups: list[dict[str, Any]], owner: str) -> list[tuple
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(
                     f"{owner} needs parameter names to find each parameter's block: pass the model, "
-                    "model.named_parameters(), or groups like {'params': [(name, tensor), ...]}."
+                    "model.named_parameters(), or groups like {'params': [(name, tensor), ...]}. With LightningCLI, "
+                    "whose --optimizer passes model.parameters(), inject the optimizer into the model instead: an "
+                    "OptimizerCallable argument set as self.lowmem_optimizer of LowMemOptimizerMixin (see docs/quickstart.md)."
                 )
             named.append(item)
     return named

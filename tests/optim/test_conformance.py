@@ -229,6 +229,19 @@ def test_add_param_group_fills_defaults_and_trains_the_new_params(name):
     assert opt.state[net.norm.weight]["step"].item() == 2
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_plain_tensors_added_after_load_state_dict_are_named(name):
+    """``load_state_dict`` (which Lightning calls on resume) keeps what names new groups: the model."""
+    net = model()
+    net.norm.requires_grad_(False)
+    opt = OPTIMIZERS[name](net, lr=0.01)
+    train(net, opt, batches(1))
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    net.norm.requires_grad_(True)
+    opt.add_param_group({"params": list(net.norm.parameters())})
+    assert opt.param_groups[-1]["param_names"] == ["norm.weight", "norm.bias"]
+
+
 # ---- copies, pickles and state dicts -----------------------------------------------------------
 
 
