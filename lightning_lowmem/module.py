@@ -73,7 +73,8 @@ class LowMemOptimizerMixin:
     Attributes:
         lowmem_plan: the optimizer's :class:`~lightning_lowmem.partition.BlockPlan` once
             ``configure_optimizers`` has run (``None`` before, and for ``adamw``); its table is logged
-            once on rank zero.
+            once on rank zero. Parameters added later (``BaseFinetuning``) extend ``optimizer.plan``,
+            not this snapshot.
 
     Raises:
         ValueError: from ``configure_optimizers``, when no config is found (the message says where to
