@@ -46,7 +46,8 @@ class AdamMini(BlockAdam):
         no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
+        **torch_options: Any,
     ) -> None:
         check_choice("preset for AdamMini", preset, ADAM_MINI_PRESETS)
         super().__init__(params, lr, betas, eps, weight_decay, plan=plan, preset=preset, rules=rules,
-                         no_decay=no_decay, maximize=maximize, backend=backend)
+                         no_decay=no_decay, maximize=maximize, backend=backend, **torch_options)

@@ -41,6 +41,7 @@ class Eve(BlockAdam):
         no_decay: Sequence[str] = NO_DECAY_ROLES,
         maximize: bool = False,
         backend: str = "auto",
+        **torch_options: Any,
     ) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, plan=plan, preset="eve", rules=rules,
-                         no_decay=no_decay, maximize=maximize, backend=backend)
+                         no_decay=no_decay, maximize=maximize, backend=backend, **torch_options)
