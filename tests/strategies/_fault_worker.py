@@ -4,7 +4,7 @@
 ``_dist_worker.py``):
 
 * ``base``: an uninterrupted 2-epoch run (``reference.pt``), and per format (``dcp``, ``full``)
-  ``OUT/<fmt>/ckpt`` after epoch 1 (``last.ckpt``, ``epoch0.ckpt``), plus one-epoch checkpoints of
+  ``OUT/<fmt>/ckpt`` after epoch 1 (``last.ckpt``, ``epoch=0.ckpt``), plus one-epoch checkpoints of
   AdamMini and MicroAdam for the mismatch cases.
 * ``kill``: resumes ``OUT/ckpt`` (a copy of a base folder) with ``ckpt_path="last"`` and trains
   epoch 2; when the save of ``last.ckpt`` reaches STAGE, writes ``OUT/paused-<rank>`` and sleeps
@@ -59,11 +59,13 @@ class NaNAtStep(Net):
 
 
 class RestoredStep(Callback):
+    """The global step of the checkpoint a fit resumed from."""
+
     def __init__(self) -> None:
         self.step: int | None = None
 
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self.step = trainer.global_step
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self.step = checkpoint["global_step"]
 
 
 def strategy(fmt: str, **kwargs: Any) -> LowMemFSDPStrategy:
@@ -71,7 +73,9 @@ def strategy(fmt: str, **kwargs: Any) -> LowMemFSDPStrategy:
 
 
 def saver(directory: Path) -> ModelCheckpoint:
-    return ModelCheckpoint(dirpath=directory, filename="epoch{epoch}", save_last=True, save_top_k=-1, every_n_epochs=1)
+    # enable_version_counter=False: a copied folder (another dirpath) overwrites last.ckpt, not last-v1.ckpt
+    return ModelCheckpoint(dirpath=directory, filename="{epoch}", save_last=True, save_top_k=-1, every_n_epochs=1,
+                           enable_version_counter=False)
 
 
 def run_base(out: Path, rank: int) -> None:
@@ -125,10 +129,10 @@ def run_check(out: Path, rank: int) -> None:
     for fmt in ("dcp", "full"):  # mismatches: (checkpoint, model of the run)
         base = out / fmt
         for case, path, model_fn in (
-            ("adamw_to_adam_mini", base / "ckpt" / "epoch0.ckpt", lambda: Net("adam_mini")),
+            ("adamw_to_adam_mini", base / "ckpt" / "epoch=0.ckpt", lambda: Net("adam_mini")),
             ("adam_mini_to_micro_adam", base / "adam_mini.ckpt", lambda: Net("micro_adam")),
             ("micro_adam_to_adam_mini", base / "micro_adam.ckpt", lambda: Net("adam_mini")),
-            ("width", base / "ckpt" / "epoch0.ckpt", lambda: WideNet("adamw")),
+            ("width", base / "ckpt" / "epoch=0.ckpt", lambda: WideNet("adamw")),
         ):
             res.error(f"mismatch-{fmt}-{case}", lambda: resume(fmt, path, model_fn()))
 

@@ -49,10 +49,10 @@ def kill_at_stage(out: Path, fmt: str, stage: str) -> str:
     start, paused = time.monotonic(), out / "paused-0"
     while not paused.exists() and time.monotonic() - start < TIMEOUT and all(p.poll() is None for p in procs):
         time.sleep(0.1)
-    for proc in procs:
+    for proc in reversed(procs):  # rank 0 (asleep in the hook) last: the others wait on it in a collective
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-        proc.wait()
+            proc.wait()
     output = ""
     for rank, log in enumerate(logs):
         log.seek(0)
@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
     refused.mkdir()
     shutil.copytree(out / "kills" / "dcp-written" / "ckpt" / ".last.ckpt.partial", refused / "dcp-leftover")
     for name, damage in (("zeros", "zero"), ("truncated", "truncate"), ("missing", "delete")):
-        shutil.copytree(out / "dcp" / "ckpt" / "epoch0.ckpt", refused / f"dcp-{name}")
+        shutil.copytree(out / "dcp" / "ckpt" / "epoch=0.ckpt", refused / f"dcp-{name}")
         shard = refused / f"dcp-{name}" / "__1_0.distcp"
         if damage == "zero":
             zero_4k(shard)
@@ -95,7 +95,7 @@ def runs(tmp_path_factory):
         else:
             shard.unlink()
     for name in ("zeros", "truncated"):
-        shutil.copy(out / "full" / "ckpt" / "epoch0.ckpt", refused / f"full-{name}")
+        shutil.copy(out / "full" / "ckpt" / "epoch=0.ckpt", refused / f"full-{name}")
         file = refused / f"full-{name}"
         zero_4k(file) if name == "zeros" else os.truncate(file, file.stat().st_size // 2)
     launch(WORKER, ["check", str(out)], nprocs=2, timeout=TIMEOUT)
@@ -113,7 +113,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_killed_save_keeps_a_complete_last_checkpoint(runs, fmt, stage, step):
     out, killed, _ = runs
     listing = killed[(fmt, stage)]
-    assert "last.ckpt" in listing and "epoch0.ckpt" in listing and "epoch1.ckpt" in listing, listing
+    assert "last.ckpt" in listing and "epoch=0.ckpt" in listing and "epoch=1.ckpt" in listing, listing
     # the survivor is whole: a Lightning checkpoint with the step it says
     last = out / "kills" / f"{fmt}-{stage}" / "ckpt" / "last.ckpt"
     meta = last / "meta.pt" if fmt == "dcp" else last
