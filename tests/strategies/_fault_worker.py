@@ -3,13 +3,13 @@
 ``python _fault_worker.py MODE OUT [FMT STAGE]`` in each of 2 processes (launched like
 ``_dist_worker.py``):
 
-* ``base``: an uninterrupted 2-epoch run (``reference.pt``), and per format (``dcp``, ``full``)
+* ``base``: an uninterrupted 3-epoch run (``reference.pt``), and per format (``dcp``, ``full``)
   ``OUT/<fmt>/ckpt`` after epoch 1 (``last.ckpt``, ``epoch=0.ckpt``), plus one-epoch checkpoints of
   AdamMini and MicroAdam for the mismatch cases.
 * ``kill``: resumes ``OUT/ckpt`` (a copy of a base folder) with ``ckpt_path="last"`` and trains
   epoch 2; when the save of ``last.ckpt`` reaches STAGE, writes ``OUT/paused-<rank>`` and sleeps
   until the test kills it with SIGKILL.
-* ``check``: for every folder ``OUT/scenarios/*/ckpt``, ``fit(ckpt_path="last")`` to the end of epoch 2
+* ``check``: for every folder ``OUT/scenarios/*/ckpt``, ``fit(ckpt_path="last")`` to the end of epoch 3
   (the restored step and the final weights recorded), then the loads that must be refused, and the
   non-finite loss runs; facts to ``OUT/check.json``.
 """
@@ -81,7 +81,7 @@ def saver(directory: Path) -> ModelCheckpoint:
 def run_base(out: Path, rank: int) -> None:
     res = Results(out, "base", rank)
     model = Net("adamw")
-    trainer(WORLD, max_epochs=2).fit(model, loader(N, WORLD, rank))
+    trainer(WORLD, max_epochs=3).fit(model, loader(N, WORLD, rank))
     res.weights("reference", model)
     for fmt in ("dcp", "full"):
         trainer(WORLD, strategy=strategy(fmt), max_epochs=1, callbacks=[saver(out / fmt / "ckpt")]).fit(
@@ -113,7 +113,7 @@ def run_check(out: Path, rank: int) -> None:
     for scenario in sorted((out / "scenarios").iterdir()):
         fmt = scenario.name.split("-")[0]
         model, restored = Net("adamw", seed=7), RestoredStep()
-        t = trainer(WORLD, strategy=strategy(fmt), max_epochs=2, callbacks=[saver(scenario / "ckpt"), restored])
+        t = trainer(WORLD, strategy=strategy(fmt), max_epochs=3, callbacks=[saver(scenario / "ckpt"), restored])
         t.fit(model, loader(N, WORLD, rank), ckpt_path="last")
         res.weights(f"resumed-{scenario.name}", model)
         res.fact(f"restored-{scenario.name}", restored.step)
