@@ -136,12 +136,13 @@ def run_check(out: Path, rank: int) -> None:
         ):
             res.error(f"mismatch-{fmt}-{case}", lambda: resume(fmt, path, model_fn()))
 
-    # a NaN loss on one rank at step 2, without any callback
+    # a NaN loss on one rank at step 2, without any callback; "raise" is the default
     for action in ("raise", "skip"):
         model = NaNAtStep(bad_step=2)
+        options = {} if action == "raise" else {"nonfinite_loss": action}
         res.error(
             f"nan-{action}",
-            lambda: trainer(WORLD, strategy=strategy("dcp", nonfinite_loss=action), max_steps=4).fit(
+            lambda: trainer(WORLD, strategy=strategy("dcp", **options), max_steps=4).fit(
                 model, loader(4 * GLOBAL_BATCH, WORLD, rank)
             ),
         )
