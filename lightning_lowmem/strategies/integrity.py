@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import json
-import logging
 import os
 import zipfile
 import zlib
@@ -30,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning_lowmem.strategies.atomic import old_path, partial_path
-
-log = logging.getLogger(__name__)
 
 #: The completion marker of a sharded checkpoint, written after every other file.
 MARKER_NAME = "lowmem_complete.json"

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
 from _dist_worker import EPOCH_STEPS, GLOBAL_BATCH, PG_TIMEOUT, Net, Results, loader, trainer  # noqa: E402
-from lightning_lowmem.strategies import LowMemFSDPStrategy
+from lightning_lowmem.strategies import LowMemFSDPStrategy, load_weights
 from lightning_lowmem.strategies.atomic import STAGE_HOOKS
 
 WORLD = 2
@@ -135,6 +135,15 @@ def run_check(out: Path, rank: int) -> None:
             ("width", base / "ckpt" / "epoch=0.ckpt", lambda: WideNet("adamw")),
         ):
             res.error(f"mismatch-{fmt}-{case}", lambda: resume(fmt, path, model_fn()))
+
+    # the way out the messages give: the weights only, into a model with another optimizer
+    for fmt in ("dcp", "full"):
+        model = Net("adam_mini", seed=7)
+        load_weights(model, out / fmt / "ckpt" / "epoch=0.ckpt")
+        if rank == 0:
+            torch.save(model.state_dict(), out / f"loaded-{fmt}.pt")
+        trainer(WORLD, strategy=strategy(fmt), max_steps=1).fit(model, loader(GLOBAL_BATCH, WORLD, rank))
+        res.fact(f"loaded-{fmt}-losses", model.losses)
 
     # a NaN loss on one rank at step 2, without any callback; "raise" is the default
     for action in ("raise", "skip"):

@@ -177,6 +177,20 @@ def test_mismatch_names_what_differs(runs, fmt, case, fragments):
         assert fragment in error["message"], (fragment, error["message"])
 
 
+@pytest.mark.parametrize("fmt", ["dcp", "full"])
+def test_load_weights_takes_the_weights_of_either_format_for_another_optimizer(runs, fmt):
+    out, _, facts = runs
+    loaded = weights(out / f"loaded-{fmt}.pt")
+    saved = torch.load(out / "full" / "ckpt" / "epoch=0.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+    from _dist_worker import Net
+
+    assert any(not torch.equal(value, saved[name]) for name, value in Net(seed=7).state_dict().items())
+    assert len(facts[f"loaded-{fmt}-losses"]) == 1  # and AdamMini then trains from them
+
+
 # ---- non-finite loss ---------------------------------------------------------------------------
 
 
