@@ -40,7 +40,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.optim import Optimizer
 
-from lightning_lowmem.strategies.atomic import clean_leftovers, discard, fsync, partial_path, publish, reached
+from lightning_lowmem.strategies.atomic import clean_leftovers, discard, fsync, partial_path, reached
 from lightning_lowmem.strategies.checkpoint import check_optimizer_state, parameter_names
 from lightning_lowmem.strategies.compatibility import (
     OPTIMIZER_CLASSES_KEY,
@@ -56,9 +56,9 @@ from lightning_lowmem.strategies.integrity import (
     checkpoint_error,
     checkpoint_problems,
     file_entries,
-    write_marker,
 )
 from lightning_lowmem.strategies.loss_guard import LossGuard
+from lightning_lowmem.strategies.saving import finish_directory, is_checkpoint_directory, prepare, write_file, written_by
 from lightning_lowmem.strategies.sharding import (
     apply_activation_checkpointing,
     auto_shard,
@@ -355,7 +355,7 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
                 "local files itself, without a CheckpointIO."
             )
         path = Path(self.broadcast(str(filepath)))
-        if path.is_dir() and not _is_checkpoint_directory(path):
+        if path.is_dir() and not is_checkpoint_directory(path):
             raise IsADirectoryError(
                 f"Cannot save a checkpoint to {str(path)!r}: it is a directory that is not a checkpoint (no "
                 f"{MARKER_NAME} or {LIGHTNING_METADATA} in it). Give the path of the checkpoint itself, e.g. "
@@ -364,7 +364,7 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
         checkpoint[OPTIMIZER_CLASSES_KEY] = optimizer_classes(self.optimizers)
         error = None
         if self.is_global_zero:
-            error = _attempt(lambda: _prepare(path, directory=self._save_distributed_checkpoint))
+            error = _attempt(lambda: prepare(path, directory=self._save_distributed_checkpoint))
         self._agree(self.broadcast(error), path)
         if self._save_distributed_checkpoint:
             self._save_directory(checkpoint, path)
@@ -385,7 +385,7 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
             if self.is_global_zero:
                 torch.save(checkpoint, partial / LIGHTNING_METADATA)
                 fsync(partial / LIGHTNING_METADATA)
-            entries.update(file_entries(partial, _own_files(partial, self.global_rank)))
+            entries.update(file_entries(partial, written_by(partial, self.global_rank)))
 
         error = _attempt(write_and_sum)
         reached("written", path)
@@ -395,13 +395,13 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
         self._agree("; ".join(errors) or None, path)
         if self.is_global_zero:
             files = {name: entry for _, _, rank_entries in reports for name, entry in rank_entries.items()}
-            error = _attempt(lambda: _finish_directory(partial, path, files))
+            error = _attempt(lambda: finish_directory(partial, path, files))
         self._agree(self.broadcast(error), path)
 
     def _save_file(self, checkpoint: dict[str, Any], path: Path) -> None:
         error = None
         if self.is_global_zero:
-            error = _attempt(lambda: _write_file(checkpoint, path))
+            error = _attempt(lambda: write_file(checkpoint, path))
         self._agree(self.broadcast(error), path)
 
     def _agree(self, error: str | None, path: Path) -> None:
@@ -469,58 +469,6 @@ def _attempt(fn: Callable[[], None]) -> str | None:
         log.exception("Checkpoint step failed")
         return f"{type(e).__name__}: {e}"
     return None
-
-
-def _prepare(path: Path, directory: bool) -> None:
-    """Remove what an interrupted save of ``path`` left, and create the empty partial directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(path)
-    if directory:
-        partial_path(path).mkdir()
-
-
-def _is_checkpoint_directory(path: Path) -> bool:
-    return (path / MARKER_NAME).is_file() or (path / LIGHTNING_METADATA).is_file()
-
-
-def _own_files(directory: Path, rank: int) -> list[str]:
-    """The files of a sharded checkpoint this rank wrote (``__<rank>_*``; rank 0 also the shared ones)."""
-    own = []
-    for file in directory.iterdir():
-        writer = file.name[2:].split("_", 1)[0] if file.name.startswith("__") else None
-        if file.is_file() and (writer == str(rank) or (rank == 0 and not (writer or "").isdigit())):
-            own.append(file.name)
-    return sorted(own)
-
-
-def _finish_directory(partial: Path, path: Path, files: dict[str, Any]) -> None:
-    """Rank 0: check every file is listed, write the completion marker, rename into place."""
-    present = {f.name for f in partial.iterdir() if f.is_file()}
-    unlisted = sorted(present - files.keys())
-    if unlisted:
-        files = {**files, **file_entries(partial, unlisted)}
-    write_marker(partial, files)
-    fsync(partial)
-    reached("marked", path)
-    publish(partial, path)
-
-
-def _write_file(checkpoint: dict[str, Any], path: Path) -> None:
-    """Rank 0: ``torch.save`` to the partial file (every record with its CRC32), flush, rename into place."""
-    from torch.utils.serialization import config
-
-    partial = partial_path(path)
-    crc, config.save.compute_crc32 = config.save.compute_crc32, True
-    try:
-        with open(partial, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        config.save.compute_crc32 = crc
-    reached("written", path)
-    reached("marked", path)
-    publish(partial, path)
 
 
 def _user_class(module: nn.Module) -> type:
