@@ -30,21 +30,15 @@ import re
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from torch import nn
+# torch (and what imports it) is imported by the commands that need it, not for `lowmem --help`.
+if TYPE_CHECKING:
+    from torch import nn
 
-from lightning_lowmem.estimate import PAPER_TABLE1, StateEstimate, estimate_state_memory, paper_table1_note
-from lightning_lowmem.models.gpt import GPTConfig
-from lightning_lowmem.models.known import (
-    KNOWN_MODELS,
-    ModelConfig,
-    ModelSpecError,
-    build_meta_model,
-    describe_config,
-    resolve_config,
-)
-from lightning_lowmem.partition import PRESETS, BlockPlan, build_plan
+    from lightning_lowmem.estimate import StateEstimate
+    from lightning_lowmem.models.known import ModelConfig
+    from lightning_lowmem.partition import BlockPlan
 
 PROG = "lowmem"
 EXIT_BAD_INPUT = 2
@@ -53,11 +47,15 @@ _NOTE_WIDTH = 100
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lowmem`` command with ``argv`` (``sys.argv[1:]`` if ``None``); return the exit status."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Without a command (`lowmem --help`) the commands' own arguments, which need torch, are not built.
+    parser = _parser(with_arguments=any(not arg.startswith("-") for arg in argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported on stderr
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
+    from lightning_lowmem.models.known import ModelSpecError, build_meta_model, resolve_config
+
     try:
         config = resolve_config(args.model)
     except ModelSpecError as err:
@@ -76,12 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    known = ", ".join(KNOWN_MODELS)
-    model_help = (
-        f"a known model ({known}) or the path to a Hugging Face config.json (or its directory) with "
-        "model_type gpt2, llama or mistral"
-    )
+def _parser(with_arguments: bool = True) -> argparse.ArgumentParser:
+    """The ``lowmem`` parser; without ``with_arguments``, the commands and their help line only (no torch)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Optimizer-state memory and block plans of a model, computed on the meta device "
@@ -94,14 +88,23 @@ def _parser() -> argparse.ArgumentParser:
         description="Parameters and fp32 optimizer-state memory (GB = 1e9 bytes) of AdamW, AdamMini "
         "(each preset), Eve and MicroAdam, with the saving versus AdamW.",
     )
-    estimate.add_argument("model", metavar="MODEL", help=model_help)
-    estimate.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     plan = commands.add_parser(
         "plan",
         help="the block plan: which parameter got which second-moment blocks",
         description="The block plan of a model: blocks, parameters and state per block kind, then each "
         "parameter's blocks (repeated layers collapsed unless --details).",
     )
+    if not with_arguments:
+        return parser
+    from lightning_lowmem.models.known import KNOWN_MODELS
+    from lightning_lowmem.partition import PRESETS
+
+    model_help = (
+        f"a known model ({', '.join(KNOWN_MODELS)}) or the path to a Hugging Face config.json (or its "
+        "directory) with model_type gpt2, llama or mistral"
+    )
+    estimate.add_argument("model", metavar="MODEL", help=model_help)
+    estimate.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     plan.add_argument("model", metavar="MODEL", help=model_help)
     plan.add_argument("--preset", choices=PRESETS, default="adam_mini", help="block preset (default: adam_mini)")
     plan.add_argument("--details", action="store_true", help="list every tensor instead of collapsing repeated layers")
@@ -112,6 +115,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _estimate(name: str, config: ModelConfig, model: nn.Module, fmt: str, out: TextIO) -> None:
+    from lightning_lowmem.estimate import PAPER_TABLE1, estimate_state_memory, paper_table1_note
+    from lightning_lowmem.models.gpt import GPTConfig
+    from lightning_lowmem.models.known import describe_config
+
     rows = estimate_state_memory(model)
     paper_key = _paper_key(model)
     note = paper_table1_note(paper_key, rows) if paper_key else []
@@ -158,6 +165,8 @@ def _format_note(lines: Sequence[str]) -> str:
 def _paper_key(model: nn.Module) -> str | None:
     """The Table 1 model with exactly ``model``'s parameter names and shapes, if any (so a config.json
     of Llama-2-7B gets the paper note as well as the name ``llama2-7b``)."""
+    from lightning_lowmem.estimate import PAPER_TABLE1
+
     signature = _signature(model)
     return next((key for key in PAPER_TABLE1 if _known_signature(key) == signature), None)
 
@@ -168,6 +177,8 @@ def _signature(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 @functools.cache
 def _known_signature(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    from lightning_lowmem.models.known import build_meta_model
+
     return _signature(build_meta_model(name))
 
 
@@ -175,6 +186,9 @@ def _known_signature(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 
 def _plan(name: str, config: ModelConfig, model: nn.Module, preset: str, details: bool, out: TextIO) -> None:
+    from lightning_lowmem.models.known import describe_config
+    from lightning_lowmem.partition import build_plan
+
     plan = build_plan(model, preset)
     out.write(f"{name}: {describe_config(config)}\n")
     out.write(f"{plan.num_params:,} parameters (built on the meta device)\n\n")
