@@ -93,6 +93,18 @@ class BlockAdam(LowMemOptimizer):
         self.backend = backend
         self._placements: dict[torch.Tensor, _Placement] = {}
 
+    def state_segments(self) -> dict[torch.Tensor, list[tuple[str, int, int]]]:
+        """``param -> [(kind, parameters, v entries), ...]`` per segment of its plan entry, in ``v``'s order."""
+        out = {}
+        for name, p, _ in self.named_params():
+            entry = self.plan[name]
+            out[p] = [(spec.kind, rows * entry.cols, spec.num_blocks(rows, entry.cols)) for spec, rows in entry.segments]
+        return out
+
+    def summary(self) -> str:
+        """The block plan as a table (:meth:`BlockPlan.summary`)."""
+        return self.plan.summary()
+
     # ---- state ---------------------------------------------------------------------------------
 
     def _entry(self, name: str) -> ParamBlocks:

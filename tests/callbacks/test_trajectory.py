@@ -12,7 +12,7 @@ from _cb_helpers import Events, TinyGPT, loader, tiny_config, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lowmem.callbacks import LossSpikeMonitor, TrajectoryDistance, weight_distance
-from lightning_lowmem.callbacks._distance import list_snapshots
+from lightning_lowmem.callbacks.core.distance import list_snapshots
 
 EVERY, STEPS = 4, 16
 KINDS_ADAM_MINI = {"full", "row", "tensor", "mixed"}  # c_attn is mixed (Q/K heads, V rows)
