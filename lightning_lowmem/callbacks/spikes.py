@@ -182,7 +182,9 @@ class LossSpikeMonitor(LowMemCallback):
             self._scale_lr(optimizer)
         if step % trainer.log_every_n_steps == 0:
             log_scalars(trainer, {f"{TAG}/count": self.count}, step)
-            log_series(trainer, f"{TAG}/zscore", {m: z for m, z in decision.zscores.items() if math.isfinite(z)}, step)
+            # a z-score needs two earlier values (a mean and a spread): none at the first steps
+            zscores = {m: z for m, z in decision.zscores.items() if math.isfinite(z) and self.detector.stats[m].count > 2}
+            log_series(trainer, f"{TAG}/zscore", zscores, step)
         self._reset_step()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

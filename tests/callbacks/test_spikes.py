@@ -83,7 +83,7 @@ def test_no_false_positive_over_a_normal_run(tmp_path: Path) -> None:
     assert set(events.scalars("lowmem/spikes/count").values()) == {0.0}
     assert "lowmem/spikes/events/text_summary" not in events.tags("tensors")
     zscores = events.series("lowmem/spikes/zscore")
-    assert set(zscores) == {"loss", "grad_norm"} and len(zscores["loss"]) == 6  # every log_every_n_steps (50) of 300
+    assert set(zscores) == {"loss", "grad_norm"} and sorted(zscores["loss"]) == [50, 100, 150, 200, 250]  # not at step 0
     assert max(zscores["loss"].values()) < 6
 
 
