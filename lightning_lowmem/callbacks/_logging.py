@@ -47,7 +47,7 @@ class LowMemCallback(Callback):
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.loggers:
+        if stage == "fit" and not trainer.loggers:  # they measure and log during training only
             raise MisconfigurationException(
                 f"Cannot use `{type(self).__name__}` callback with `Trainer` that has no logger. "
                 "Pass Trainer(logger=TensorBoardLogger(...)) (or leave the default logger on)."
