@@ -83,14 +83,17 @@ class StateMemory:
 
     @property
     def total_mb(self) -> float:
+        """``total_bytes`` in MB."""
         return self.total_bytes / MB
 
     @property
     def adamw_mb(self) -> float:
+        """``adamw_bytes`` in MB."""
         return self.adamw_bytes / MB
 
     @property
     def saving_mb(self) -> float:
+        """``saving_bytes`` in MB."""
         return self.saving_bytes / MB
 
     def table(self) -> str:
