@@ -22,6 +22,10 @@ Needs the ``tensorboard`` command (installed with the package) and Chromium (Deb
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -84,15 +88,84 @@ class TensorBoard:
         self.proc.wait(timeout=30)
 
 
-def screenshot(chromium: str, url: str, path: Path, width: int, height: int) -> None:
-    """Save what headless Chromium shows at ``url`` after the page's scripts had 20 s to draw."""
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", "--virtual-time-budget=20000", f"--screenshot={path}", url],
-            check=True, capture_output=True, timeout=180,
+def _as_fds_3_and_4(read_end: int, write_end: int) -> None:
+    high_read, high_write = os.dup(read_end), os.dup(write_end)  # out of the way of 3 and 4 first
+    os.dup2(high_read, 3)
+    os.dup2(high_write, 4)
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: no port)."""
+
+    def __init__(self, binary: str, profile: str) -> None:
+        to_browser, self._write = os.pipe()
+        self._read, from_browser = os.pipe()
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
+             "--remote-debugging-pipe", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
+            preexec_fn=lambda: _as_fds_3_and_4(to_browser, from_browser),  # where Chromium reads and writes
         )
-    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buffer, self._id = b"", 0
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+
+    def call(self, method: str, session: str | None = None, **params: object) -> dict:
+        """Send one command and return its result (events that arrive meanwhile are dropped)."""
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._write, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._read, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(f"Chromium closed the DevTools pipe during {method}")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def page(self, method: str, **params: object) -> dict:
+        return self.call(method, session=self.session, **params)
+
+    def screenshot(self, url: str, path: Path, width: int, height: int, settle_s: float = 15.0) -> None:
+        """Open ``url`` in a ``width`` x ``height`` window, let its charts draw, save the page as PNG."""
+        self.page("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+        self.page("Page.navigate", url=url)
+        time.sleep(settle_s)
+        data = self.page("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        print(f"wrote {path}")
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError, OSError):
+            self.call("Browser.close")
+        self.proc.wait(timeout=30)
+
+
+def screenshot(chromium: str, tb_url: str, path: Path, width: int, height: int, settle_s: float) -> None:
+    """The Custom Scalars tab of ``tb_url`` without smoothing and with every point in the charts' scale.
+
+    TensorBoard's defaults (smoothing 0.6, outliers left out of the y range) cut off the end of a
+    rising line drawn from a few dozen points; its outlier setting lives in the page's
+    localStorage, set here before the charts load.
+    """
+    with tempfile.TemporaryDirectory() as profile:
+        browser = Chromium(chromium, profile)
+        try:
+            browser.page("Page.navigate", url=f"{tb_url}/")
+            time.sleep(3)
+            browser.page("Runtime.evaluate", expression="localStorage.setItem('_ignoreYOutliers', 'false')")
+            browser.screenshot(f"{tb_url}/?darkMode=false#custom_scalars&_smoothingWeight=0", path, width, height, settle_s)
+        finally:
+            browser.close()
 
 
 def main() -> None:
@@ -101,6 +174,7 @@ def main() -> None:
     parser.add_argument("--compare-logdir", type=Path, help="a compare_optimizers.py directory (default: run it)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     parser.add_argument("--out", type=Path, default=IMG, help="where the PNG files go")
+    parser.add_argument("--settle", type=float, default=45.0, help="seconds the page gets to draw its charts")
     args = parser.parse_args()
     if shutil.which(args.chromium) is None and not Path(args.chromium).is_file():
         sys.exit(f"screenshot_tensorboard.py: no Chromium at {args.chromium!r}; apt-get install chromium, or pass --chromium")
@@ -110,11 +184,9 @@ def main() -> None:
         compare_dir = args.compare_logdir or compare_optimizers(Path(workdir))
         args.out.mkdir(parents=True, exist_ok=True)
         with TensorBoard(train_dir) as tb:
-            screenshot(args.chromium, f"{tb.url}/?darkMode=false#custom_scalars", args.out / "tensorboard_lowmem.png",
-                       1600, 4200)
+            screenshot(args.chromium, tb.url, args.out / "tensorboard_lowmem.png", 1600, 2300, args.settle)
         with TensorBoard(compare_dir) as tb:
-            screenshot(args.chromium, f"{tb.url}/?darkMode=false#custom_scalars", args.out / "tensorboard_compare.png",
-                       1600, 1300)
+            screenshot(args.chromium, tb.url, args.out / "tensorboard_compare.png", 1600, 800, args.settle)
 
 
 if __name__ == "__main__":
