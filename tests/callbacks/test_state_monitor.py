@@ -97,7 +97,7 @@ def test_logged_values_read_back_from_tensorboard(tmp_path: Path) -> None:
     assert events.scalars("lowmem/state/bytes_per_param")[12] == pytest.approx(memory.bytes_per_param, rel=1e-6)
     assert events.scalars("lowmem/state/saving_percent")[12] == pytest.approx(memory.saving_percent, rel=1e-6)
     peak = events.scalars("lowmem/state/peak_memory_mb")
-    assert 10 < peak[1] <= peak[12] <= peak_memory_bytes(torch.device("cpu")) / 1e6  # process RSS on CPU, MB
+    assert 10 < peak[1] <= peak[12] <= peak_memory_bytes(torch.device("cpu")) / 1e6 * (1 + 1e-6)  # RSS in MB (fp32 in the file)
 
     (step, text), = events.texts("lowmem/state/plan/text_summary").items()
     assert step == 1
