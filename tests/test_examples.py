@@ -74,7 +74,7 @@ def test_train_gpt_short_run_and_resume(tmp_path):
 def test_train_gpt_help_prints_the_keys_with_their_defaults_and_exits(tmp_path):
     out, _ = run_script("examples/train_gpt.py", "--help", cwd=tmp_path)
     assert "usage" in out.lower() or "python examples/train_gpt.py" in out
-    for line in ("max_steps: 300", "name: adam_mini", "lr: 1.0e-3", "every_n_steps: 10", "mode: shadow"):
+    for line in ("max_steps: 300", "name: adam_mini", "lr: 3.0e-3", "every_n_steps: 10", "mode: shadow"):
         assert line in out, line
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
