@@ -40,7 +40,7 @@ Layout = dict[str, dict[str, list[Any]]]
 
 
 class LowMemCallback(Callback):
-    """Base of the ``lowmem`` callbacks: refuses a ``Trainer`` without a logger, writes the layout once.
+    """Base of the ``lowmem`` callbacks: refuses to fit with a ``Trainer`` without a logger.
 
     Subclasses describe their TensorBoard charts in :meth:`charts`; one custom-scalars layout holds
     the charts of all of them that have data.
