@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import math
 import statistics
 import time
 from pathlib import Path
@@ -68,8 +67,9 @@ LAYOUT = {
 
 
 def make_optimizer(name: str, model: GPT, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """One recipe for all four. Our optimizers leave biases, norms and embeddings undecayed, so AdamW
-    and MicroAdam get the same two param groups (``decay_groups``): a fair baseline."""
+    """One recipe for all four, each at its stable lr (or ``--lr``). Our optimizers leave biases, norms and
+    embeddings undecayed, so AdamW and MicroAdam get the same two param groups (``decay_groups``): a fair
+    baseline."""
     hparams = dict(lr=args.lr or STABLE_LR[name], betas=(0.9, 0.99), weight_decay=0.1)
     if name == "AdamW":
         return torch.optim.AdamW(decay_groups(model, NO_DECAY_ROLES), **hparams)
