@@ -163,6 +163,14 @@ class BlockAdam(LowMemOptimizer):
             found += [by_name[n] for n, _ in rest]
         self.plan = BlockPlan([*self.plan.values(), *found], preset=self.plan.preset)
         log.info("Blocks for parameters added to %s: %s", type(self).__name__, [e.name for e in found])
+    def state_segments(self) -> dict[torch.Tensor, list[tuple[str, int, int]]]:
+        """``param -> [(kind, parameters, v entries), ...]``: its ``v`` in order, as runs of one kind
+        (:meth:`~lightning_lowmem.partition.ParamBlocks.kind_runs`)."""
+        return {p: self.plan[name].kind_runs() for name, p, _ in self.named_params()}
+
+    def summary(self) -> str:
+        """The block plan as a table (:meth:`BlockPlan.summary`)."""
+        return self.plan.summary()
 
     # ---- state ---------------------------------------------------------------------------------
 

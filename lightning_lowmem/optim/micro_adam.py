@@ -216,6 +216,13 @@ class MicroAdam(LowMemOptimizer):
             return layout.state_bytes(group["window"], group["error_feedback"]) + step_bytes
         return param.numel() * (param.element_size() + torch.empty(0, dtype=state_dtype(param)).element_size()) + step_bytes
 
+    def state_segments(self) -> dict[torch.Tensor, list[tuple[str, int, int]]]:
+        """``param -> [(kind, parameters, v entries)]``: ``compressed`` (no ``v``), or ``full`` (AdamW's state)."""
+        return {
+            p: [("compressed", p.numel(), 0)] if self.is_compressed(p, group) else [("full", p.numel(), p.numel())]
+            for _, p, group in self.named_params()
+        }
+
     def summary(self) -> str:
         """A table: each parameter, its size, its state kind and blocks per row, its state bytes per element."""
         rows = [("name", "shape", "numel", "state", "blocks/row", "bytes/param")]
