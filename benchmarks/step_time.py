@@ -13,6 +13,9 @@ Run::
     python benchmarks/step_time.py                 # GPT-2 small (124M parameters), CPU
     python benchmarks/step_time.py --layers 4 --width 512 --rounds 10
     python benchmarks/step_time.py --model hf-gpt2  # transformers' GPT-2, transposed Conv1D weights
+    python benchmarks/step_time.py --device cuda    # every optimizer and backend a GPU has (Triton)
+
+On a shared host, compare ratios taken in the same run, not milliseconds across runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from lightning_lowmem.models.gpt import GPT, GPTConfig
-from lightning_lowmem.optim import AdamMini, Eve
+from lightning_lowmem.optim import AdamMini, Eve, MicroAdam
 from lightning_lowmem.utils.memory import optimizer_state_bytes
 
 #: Bytes a step must read and write per fp32 parameter, at the least.
@@ -55,15 +59,13 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[nn.Module
         "AdamW fused": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)),
         "AdamW foreach": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)),
     }
-    for backend in ("torch", "compile", "native"):
+    backends = ("torch", "compile", "triton") if device.type == "cuda" else ("torch", "compile", "native")
+    for backend in backends:
         out[f"AdamMini {backend}"] = ("block", lambda m, b=backend: AdamMini(m, lr=1e-4, backend=b))
         out[f"Eve {backend}"] = ("block", lambda m, b=backend: Eve(m, lr=1e-4, backend=b))
-    try:
-        from lightning_lowmem.optim import MicroAdam
-    except ImportError:
-        return out
-    for backend in ("torch", "compile"):
-        out[f"MicroAdam {backend}"] = ("micro_adam", lambda m, b=backend: MicroAdam(m, lr=1e-4, backend=b))
+    for backend in backends:
+        if backend != "native":  # MicroAdam has no C kernel
+            out[f"MicroAdam {backend}"] = ("micro_adam", lambda m, b=backend: MicroAdam(m, lr=1e-4, backend=b))
     return out
 
 
@@ -137,6 +139,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"step_time.py: --device {args.device} needs CUDA, and torch.cuda.is_available() is False here "
+                 f"(torch {torch.__version__}).")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
