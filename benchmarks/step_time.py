@@ -200,9 +200,9 @@ def main() -> None:
         if args.json:
             print(json.dumps(rows, indent=2))
             return
-        print(f"{'tensors':30s} {'params':>12s} {'C kernel ms':>12s} {'fused AdamW ms':>15s} {'ratio':>7s}")
+        print(f"{'tensors':44s} {'params':>12s} {'C kernel ms':>12s} {'fused AdamW ms':>15s} {'ratio':>7s}")
         for r in rows:
-            print(f"{r['tensors']:30s} {r['params']:12,d} {r['c_kernel_ms']:12.1f} {r['fused_adamw_ms']:15.1f} "
+            print(f"{r['tensors']:44s} {r['params']:12,d} {r['c_kernel_ms']:12.1f} {r['fused_adamw_ms']:15.1f} "
                   f"{r['ratio']:6.2f}x")
         return
     rows = run(args)
