@@ -64,7 +64,7 @@ from lightning_lowmem.callbacks import (  # noqa: E402
     OptimizerStateMonitor,
     TrajectoryDistance,
 )
-from lightning_lowmem.callbacks._distance import save_snapshot, snapshot_path  # noqa: E402
+from lightning_lowmem.callbacks.core.distance import save_snapshot, snapshot_path  # noqa: E402
 from lightning_lowmem.data import CharTextDataModule  # noqa: E402
 
 HOOKS = (

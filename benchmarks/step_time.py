@@ -13,6 +13,10 @@ Run::
     python benchmarks/step_time.py                 # GPT-2 small (124M parameters), CPU
     python benchmarks/step_time.py --layers 4 --width 512 --rounds 10
     python benchmarks/step_time.py --model hf-gpt2  # transformers' GPT-2, transposed Conv1D weights
+    python benchmarks/step_time.py --device cuda    # every optimizer and backend a GPU has (Triton)
+    python benchmarks/step_time.py --model hf-gpt2 --threads 1 --clock cpu --by-kind  # where the time goes
+
+On a shared host, compare ratios taken in the same run, not milliseconds across runs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -27,7 +32,7 @@ import torch
 from torch import nn
 
 from lightning_lowmem.models.gpt import GPT, GPTConfig
-from lightning_lowmem.optim import AdamMini, Eve
+from lightning_lowmem.optim import AdamMini, Eve, MicroAdam
 from lightning_lowmem.utils.memory import optimizer_state_bytes
 
 #: Bytes a step must read and write per fp32 parameter, at the least.
@@ -55,15 +60,13 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[nn.Module
         "AdamW fused": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True)),
         "AdamW foreach": ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True)),
     }
-    for backend in ("torch", "compile", "native"):
+    backends = ("torch", "compile", "triton") if device.type == "cuda" else ("torch", "compile", "native")
+    for backend in backends:
         out[f"AdamMini {backend}"] = ("block", lambda m, b=backend: AdamMini(m, lr=1e-4, backend=b))
         out[f"Eve {backend}"] = ("block", lambda m, b=backend: Eve(m, lr=1e-4, backend=b))
-    try:
-        from lightning_lowmem.optim import MicroAdam
-    except ImportError:
-        return out
-    for backend in ("torch", "compile"):
-        out[f"MicroAdam {backend}"] = ("micro_adam", lambda m, b=backend: MicroAdam(m, lr=1e-4, backend=b))
+    for backend in backends:
+        if backend != "native":  # MicroAdam has no C kernel
+            out[f"MicroAdam {backend}"] = ("micro_adam", lambda m, b=backend: MicroAdam(m, lr=1e-4, backend=b))
     return out
 
 
@@ -112,6 +115,54 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
+def by_kind(args: argparse.Namespace) -> list[dict[str, object]]:
+    """AdamMini's C kernel (``backend="native"``, CPU) timed on each kind of tensor on its own,
+    against fused AdamW on the same tensors: where the step's time goes."""
+    import lightning_lowmem.kernels.block_adam_native as native
+
+    model = make_model(args, torch.device("cpu"))
+    optimizer = AdamMini(model, lr=1e-4, backend="native")
+    optimizer.step()
+    calls = []
+    kernel = native.block_adam_rows_
+    native.block_adam_rows_ = lambda *a, **kw: (calls.append((a, kw)), kernel(*a, **kw))[1]
+    try:
+        optimizer.step()
+    finally:
+        native.block_adam_rows_ = kernel
+    kinds: dict[str, list[tuple]] = {}
+    for arguments, _ in calls:
+        for item in zip(*arguments):
+            rows_per_block, transposed = item[5], item[6]
+            kind = ("full (AdamW's update)" if rows_per_block == 0 else
+                    f"columns of Conv1D, {'heads' if rows_per_block > 1 else 'rows'}" if transposed else
+                    f"{'blocks of rows (heads, tensors)' if rows_per_block > 1 else 'rows'} of Linear/Embedding")
+            kinds.setdefault(kind, []).append(item)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def median_time(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(args.rounds):
+            start = clock()
+            fn()
+            times.append(clock() - start)
+        return statistics.median(times)
+
+    rows = []
+    for kind, items in kinds.items():
+        columns = [list(column) for column in zip(*items)]
+        ours = median_time(lambda: kernel(*columns, **calls[0][1]))
+        params = [nn.Parameter(item[0].clone()) for item in items]
+        for p, item in zip(params, items):
+            p.grad = item[1].clone()
+        adamw = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        adamw.step()
+        base = median_time(adamw.step)
+        rows.append({"tensors": kind, "params": sum(item[0].numel() for item in items), "c_kernel_ms": 1e3 * ours,
+                     "fused_adamw_ms": 1e3 * base, "ratio": ours / base})
+    return rows
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     header = f"{'optimizer':18s} {'device':12s} {'ms/step':>9s} {'vs fused':>9s} {'B/param':>8s} {'GB/s':>7s} {'warm-up s':>10s}"
     print(f"{rows[0]['params']:,} parameters")
@@ -136,9 +187,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--only", nargs="*", help="run only optimizers whose name contains one of these words")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--by-kind", action="store_true",
+                        help="time AdamMini's C kernel on each kind of tensor against fused AdamW on the same tensors (CPU)")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"step_time.py: --device {args.device} needs CUDA, and torch.cuda.is_available() is False here "
+                 f"(torch {torch.__version__}).")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.by_kind:
+        rows = by_kind(args)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return
+        print(f"{'tensors':44s} {'params':>12s} {'C kernel ms':>12s} {'fused AdamW ms':>15s} {'ratio':>7s}")
+        for r in rows:
+            print(f"{r['tensors']:44s} {r['params']:12,d} {r['c_kernel_ms']:12.1f} {r['fused_adamw_ms']:15.1f} "
+                  f"{r['ratio']:6.2f}x")
+        return
     rows = run(args)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -35,6 +35,7 @@ MODULES = (
     "lightning_lowmem.partition",
     "lightning_lowmem.strategies",
     "lightning_lowmem.callbacks",
+    "lightning_lowmem.callbacks.core",
     "lightning_lowmem.models",
     "lightning_lowmem.data",
     "lightning_lowmem.estimate",

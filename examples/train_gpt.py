@@ -5,21 +5,29 @@ first use, no download). The optimizer (AdamMini by default) is built by ``LowMe
 from the ``optim`` section of the config, so changing optimizer is a command-line override:
 
     python examples/train_gpt.py                                          # about a minute on a CPU
+    python examples/train_gpt.py --help                                   # every key and its default
+    python examples/train_gpt.py trainer.max_steps=5                      # a smoke run
     python examples/train_gpt.py optim.name=eve optim.lr=3e-4 trainer.max_steps=50
-    python examples/train_gpt.py ckpt_path=runs/gpt_tiny/version_0/checkpoints/last.ckpt
+    python examples/train_gpt.py ckpt_path=runs/gpt_tiny/adam_mini/version_0/checkpoints/last.ckpt
     python examples/train_gpt.py config=my_config.yaml                   # another config file
     python examples/train_gpt.py callbacks.trajectory=null                # leave a callback out
     tensorboard --logdir runs
 
-Every key of ``examples/configs/gpt_tiny.yaml`` can be overridden as ``key=value``.
+Every key of ``examples/configs/gpt_tiny.yaml`` can be overridden as ``key=value``, and
+``trainer.<name>`` takes any ``lightning.Trainer`` argument; a key that is none of these is an error
+that names the closest valid ones. Runs are named after the optimizer:
+``runs/gpt_tiny/adam_mini/version_0``, so ``tensorboard --logdir runs`` lays optimizers side by side.
 
-The four ``lightning_lowmem.callbacks`` run at their default intervals and write TensorBoard charts
-under ``lowmem/`` (grouped in the "Custom Scalars" tab): the optimizer state's bytes by block kind
-against fp32 AdamW (``OptimizerStateMonitor``), the distance of the weights to an AdamW copy fed the
-same gradients (``TrajectoryDistance("shadow")``), loss spikes, skipped before they reach the weights
+The four ``lightning_lowmem.callbacks`` write TensorBoard charts under ``lowmem/`` (grouped in the
+"Custom Scalars" tab): the optimizer state in MB by block kind against fp32 AdamW
+(``OptimizerStateMonitor``), the distance of the weights to an AdamW copy fed the same gradients
+(``TrajectoryDistance("shadow")``), loss spikes, skipped before they reach the weights
 (``LossSpikeMonitor``), and effective learning rates per block kind (``OptimizerDiagnostics``).
 """
 
+import dataclasses
+import difflib
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -28,9 +36,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from lightning_lowmem import LowMemOptimizerMixin
+from lightning_lowmem import LowMemOptimizerMixin, OptimConfig, SchedulerConfig
 from lightning_lowmem.callbacks import LossSpikeMonitor, OptimizerDiagnostics, OptimizerStateMonitor, TrajectoryDistance
 from lightning_lowmem.data import CharTextDataModule
 from lightning_lowmem.models import GPT, GPTConfig
@@ -67,9 +75,73 @@ class LitGPT(LowMemOptimizerMixin, L.LightningModule):
         self.log("val/loss", loss, prog_bar=True)
 
 
+def valid_keys(cfg: DictConfig) -> set[str]:
+    """Every dotted key a config may set: the default config's, and each section's class arguments."""
+    keys = {k for k in _flatten(OmegaConf.to_container(cfg)) if not k.startswith(("trainer.", "callbacks."))}
+    keys |= {f"data.{n}" for n in _arguments(CharTextDataModule)}
+    keys |= {f"model.{f.name}" for f in dataclasses.fields(GPTConfig)}
+    keys |= {f"optim.{f.name}" for f in dataclasses.fields(OptimConfig)}
+    keys |= {f"optim.scheduler.{f.name}" for f in dataclasses.fields(SchedulerConfig)}
+    keys |= {f"trainer.{n}" for n in _arguments(L.Trainer)}
+    for name, cls in CALLBACKS.items():
+        keys |= {f"callbacks.{name}"} | {f"callbacks.{name}.{n}" for n in _arguments(cls)}
+    return keys | {"config"}
+
+
+def check_keys(cfg: DictConfig, where: str) -> None:
+    """Exit with an error naming the closest valid keys if ``cfg`` sets a key no section takes."""
+    valid = valid_keys(OmegaConf.load(DEFAULT_CONFIG))
+    for key in _flatten(OmegaConf.to_container(cfg)):
+        if key in valid or any(key.startswith(v + ".") for v in valid if v.startswith("optim.rules")):
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        close += [v for v in sorted(valid) if v.endswith("." + leaf) and v not in close][:3]
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        usage_error(f"unknown key {key!r} in {where}{hint} (--help lists the keys and their defaults)")
+
+
+def usage_error(message: str) -> None:
+    print(f"train_gpt.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flatten(tree: object, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict) or not tree:
+        return [prefix[:-1]] if prefix else []
+    return [k for key, value in tree.items() for k in _flatten(value, f"{prefix}{key}.")]
+
+
+def _arguments(cls: type) -> list[str]:
+    return [n for n, p in inspect.signature(cls).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def fit_warmup(cfg: DictConfig) -> None:
+    """A run shorter than the warmup (a smoke run) warms up for a tenth of its steps instead."""
+    scheduler, max_steps = cfg.optim.scheduler, cfg.trainer.get("max_steps", -1)
+    if scheduler.name != "none" and 0 < max_steps <= scheduler.warmup_steps:
+        clipped = max_steps // 10
+        print(f"optim.scheduler.warmup_steps={scheduler.warmup_steps} does not fit in trainer.max_steps={max_steps}: "
+              f"warming up for {clipped} steps instead")
+        scheduler.warmup_steps = clipped
+
+
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        print(f"Keys and their defaults ({DEFAULT_CONFIG}), each settable as key=value:\n")
+        print(DEFAULT_CONFIG.read_text())
+        return
+    bad = [arg for arg in argv if "=" not in arg]
+    if bad:
+        usage_error(f"expected key=value arguments, got {' '.join(bad)} (--help lists the keys and their defaults)")
     cli = OmegaConf.from_cli(argv)
-    cfg = OmegaConf.merge(OmegaConf.load(cli.pop("config", DEFAULT_CONFIG)), cli)
+    check_keys(cli, "the command line")
+    config_file = cli.pop("config", DEFAULT_CONFIG)
+    file_cfg = OmegaConf.load(config_file)
+    check_keys(file_cfg, str(config_file))
+    cfg = OmegaConf.merge(file_cfg, cli)
+    fit_warmup(cfg)
     L.seed_everything(cfg.seed)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
@@ -77,12 +149,15 @@ def main(argv: list[str]) -> None:
     data = CharTextDataModule(**cfg.data)
     model = LitGPT(model=OmegaConf.to_container(cfg.model, resolve=True),
                    optim=OmegaConf.to_container(cfg.optim, resolve=True))
-    logger = TensorBoardLogger(cfg.log_dir, name=cfg.run_name)
+    # runs/gpt_tiny/adam_mini/version_0: one run per optimizer; no hp_metric placeholder chart
+    logger = TensorBoardLogger(cfg.log_dir, name=f"{cfg.run_name}/{cfg.optim.name}", default_hp_metric=False)
     checkpoint = ModelCheckpoint(monitor="val/loss", save_last=True)  # best and last, under the log dir
     lowmem = {name: CALLBACKS[name](**args) for name, args in OmegaConf.to_container(cfg.callbacks).items()
               if args is not None}
     trainer = L.Trainer(logger=logger, callbacks=[checkpoint, *lowmem.values()], **cfg.trainer)
     trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
+    # The final validation, not logged: the run's charts already hold the validations of the fit.
+    trainer.loggers = []
     val_loss = trainer.validate(model, datamodule=data, verbose=False)[0]["val/loss"]
 
     # Optimizer state the run really holds, against fp32 AdamW's 8 bytes per trainable parameter.
@@ -95,8 +170,7 @@ def main(argv: list[str]) -> None:
           f"({1 - state / adamw:.1%} saved)")
     trajectory = lowmem.get("trajectory")
     if trajectory is not None and trajectory.last is not None:
-        step = trainer.global_step // trajectory.every_n_steps * trajectory.every_n_steps  # its last measurement
-        print(f"distance to AdamW's trajectory ({trajectory.mode}) at step {step}: "
+        print(f"distance to AdamW's trajectory ({trajectory.mode}) at step {trainer.global_step}: "
               f"relative L2 {trajectory.last.rel_l2:.4f}")
     if "spikes" in lowmem:
         print(f"loss spikes: {lowmem['spikes'].count} (action: {lowmem['spikes'].action})")

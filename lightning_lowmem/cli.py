@@ -33,21 +33,15 @@ import re
 import sys
 import textwrap
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from torch import nn
+# torch (and what imports it) is imported by the commands that need it, not for `lowmem --help`.
+if TYPE_CHECKING:
+    from torch import nn
 
-from lightning_lowmem.estimate import PAPER_TABLE1, StateEstimate, estimate_state_memory, paper_table1_note
-from lightning_lowmem.models.gpt import GPTConfig
-from lightning_lowmem.models.known import (
-    KNOWN_MODELS,
-    ModelConfig,
-    ModelSpecError,
-    build_meta_model,
-    describe_config,
-    resolve_config,
-)
-from lightning_lowmem.partition import PRESETS, BlockPlan, build_plan
+    from lightning_lowmem.estimate import StateEstimate
+    from lightning_lowmem.models.known import ModelConfig
+    from lightning_lowmem.partition import BlockPlan
 
 PROG = "lowmem"
 EXIT_BAD_INPUT = 2
@@ -56,13 +50,17 @@ _NOTE_WIDTH = 100
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lowmem`` command with ``argv`` (``sys.argv[1:]`` if ``None``); return the exit status."""
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Without a command (`lowmem --help`) the commands' own arguments, which need torch, are not built.
+    parser = _parser(with_arguments=any(not arg.startswith("-") for arg in argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or a usage error argparse already reported on stderr
         return exit_.code if isinstance(exit_.code, int) else EXIT_BAD_INPUT
     if args.command == "build-kernels":
         return _build_kernels()
+    from lightning_lowmem.models.known import ModelSpecError, build_meta_model, resolve_config
+
     try:
         config = resolve_config(args.model)
     except ModelSpecError as err:
@@ -81,12 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    known = ", ".join(KNOWN_MODELS)
-    model_help = (
-        f"a known model ({known}) or the path to a Hugging Face config.json (or its directory) with "
-        "a model_type transformers knows (gpt2, llama or mistral without transformers)"
-    )
+def _parser(with_arguments: bool = True) -> argparse.ArgumentParser:
+    """The ``lowmem`` parser; without ``with_arguments``, the commands and their help line only (no torch)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Optimizer-state memory and block plans of a model, computed on the meta device "
@@ -99,23 +93,32 @@ def _parser() -> argparse.ArgumentParser:
         description="Parameters and fp32 optimizer-state memory (GB = 1e9 bytes) of AdamW, AdamMini "
         "(each preset), Eve and MicroAdam, with the saving versus AdamW.",
     )
-    estimate.add_argument("model", metavar="MODEL", help=model_help)
-    estimate.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     plan = commands.add_parser(
         "plan",
         help="the block plan: which parameter got which second-moment blocks",
         description="The block plan of a model: blocks, parameters and state per block kind, then each "
         "parameter's blocks (repeated layers collapsed unless --details).",
     )
-    plan.add_argument("model", metavar="MODEL", help=model_help)
-    plan.add_argument("--preset", choices=PRESETS, default="adam_mini", help="block preset (default: adam_mini)")
-    plan.add_argument("--details", action="store_true", help="list every tensor instead of collapsing repeated layers")
     commands.add_parser(
         "build-kernels",
         help="build the C kernels for CPUs now (e.g. in a container image) and print where they are cached",
         description="Build the package's C kernels with $CC for this machine's CPU and print the cache "
         "($LIGHTNING_LOWMEM_CACHE, default ~/.cache/lightning_lowmem). Exit status 1 if one fails.",
     )
+    if not with_arguments:
+        return parser
+    from lightning_lowmem.models.known import KNOWN_MODELS
+    from lightning_lowmem.partition import PRESETS
+
+    model_help = (
+        f"a known model ({', '.join(KNOWN_MODELS)}) or the path to a Hugging Face config.json (or its "
+        "directory) with a model_type transformers knows (gpt2, llama or mistral without transformers)"
+    )
+    estimate.add_argument("model", metavar="MODEL", help=model_help)
+    estimate.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
+    plan.add_argument("model", metavar="MODEL", help=model_help)
+    plan.add_argument("--preset", choices=PRESETS, default="adam_mini", help="block preset (default: adam_mini)")
+    plan.add_argument("--details", action="store_true", help="list every tensor instead of collapsing repeated layers")
     return parser
 
 
@@ -138,6 +141,9 @@ def _build_kernels() -> int:
 
 
 def _estimate(name: str, config: ModelConfig, model: nn.Module, fmt: str, out: TextIO) -> None:
+    from lightning_lowmem.estimate import PAPER_TABLE1, estimate_state_memory, paper_table1_note
+    from lightning_lowmem.models.known import describe_config
+
     rows = estimate_state_memory(model)
     paper_key = _paper_key(model)
     note = paper_table1_note(paper_key, rows) if paper_key else []
@@ -174,13 +180,6 @@ def _estimate_table(rows: Sequence[StateEstimate]) -> str:
     return _table(header, cells)
 
 
-def _architecture(config: ModelConfig) -> str:
-    """``gpt2``/``llama`` for the package's own models, the ``model_type`` for a transformers one."""
-    if isinstance(config, GPTConfig):
-        return "gpt2"
-    return getattr(config, "model_type", "llama")
-
-
 def _format_note(lines: Sequence[str]) -> str:
     first, *rest = lines
     wrapped = [textwrap.fill(first, _NOTE_WIDTH, subsequent_indent="  ")]
@@ -191,6 +190,8 @@ def _format_note(lines: Sequence[str]) -> str:
 def _paper_key(model: nn.Module) -> str | None:
     """The Table 1 model with exactly ``model``'s parameter names and shapes, if any (so a config.json
     of Llama-2-7B gets the paper note as well as the name ``llama2-7b``)."""
+    from lightning_lowmem.estimate import PAPER_TABLE1
+
     signature = _signature(model)
     return next((key for key in PAPER_TABLE1 if _known_signature(key) == signature), None)
 
@@ -201,6 +202,8 @@ def _signature(model: nn.Module) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 @functools.cache
 def _known_signature(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    from lightning_lowmem.models.known import build_meta_model
+
     return _signature(build_meta_model(name))
 
 
@@ -208,6 +211,9 @@ def _known_signature(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 
 def _plan(name: str, config: ModelConfig, model: nn.Module, preset: str, details: bool, out: TextIO) -> None:
+    from lightning_lowmem.models.known import describe_config
+    from lightning_lowmem.partition import build_plan
+
     plan = build_plan(model, preset)
     out.write(f"{name}: {describe_config(config)}\n")
     out.write(f"{plan.num_params:,} parameters (built on the meta device)\n\n")
@@ -277,5 +283,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align_right: bo
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+def _architecture(config: ModelConfig) -> str:
+    """``gpt2``/``llama`` for the package's own models, the ``model_type`` for a transformers one."""
+    from lightning_lowmem.models.gpt import GPTConfig
+
+    if isinstance(config, GPTConfig):
+        return "gpt2"
+    return getattr(config, "model_type", "llama")
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

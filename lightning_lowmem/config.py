@@ -96,8 +96,8 @@ class OptimConfig:
     """Which optimizer to build, its hyperparameters and its learning-rate schedule.
 
     Args:
-        name: a registered optimizer: ``"adamw"``, ``"adam_mini"``, ``"adam_mini_paper"``, ``"eve"``
-            (and any added with :func:`~lightning_lowmem.optim.names.register_optimizer`).
+        name: a registered optimizer: ``"adamw"``, ``"adam_mini"``, ``"adam_mini_paper"``, ``"eve"``,
+            ``"micro_adam"`` (and any added with :func:`~lightning_lowmem.optim.names.register_optimizer`).
         lr: peak learning rate, ``>= 0``.
         betas: ``(beta1, beta2)``, each in ``[0, 1)``.
         eps: added to :math:`\\sqrt{\\hat v}`, ``>= 0``.

@@ -27,8 +27,8 @@ Adam-mini paper, Table 1
 The paper (Zhang et al., 2024) gives, "based on float32": GPT2-1.5B 12.48 -> 6.56 GB (47.4%),
 TinyLlama-1B 8.80 -> 4.92 GB (44.10%), Llama2-7B 53.92 -> 28.04 GB (48.04%). With the exact
 parameter counts and the ``adam_mini_paper`` preset (its Algorithms 2-4) this module gives
-12.46 -> 6.56, 8.80 -> 4.92 and 53.91 -> 28.00 GB. What we found (:data:`PAPER_TABLE1`,
-:func:`paper_table1_note`):
+12.46 -> 6.56, 8.80 -> 4.92 and 53.91 -> 28.00 GB. How the figures compare (:data:`PAPER_TABLE1`,
+:func:`paper_table1_note`; the discussion is in ``docs/cli.md``):
 
 * The paper multiplies a parameter count rounded to three significant digits: 8 B x 1.56e9 =
   12.48, 8 B x 1.10e9 = 8.80, 8 B x 6.74e9 = 53.92 GB, and 4 B x (N + E) for Adam-mini, with ``E``
@@ -43,7 +43,7 @@ parameter counts and the ``adam_mini_paper`` preset (its Algorithms 2-4) this mo
   here, 6.55 GB with ``wpe`` in one block).
 * Llama2-7B's 28.04 GB follows from no count consistent with 53.92 GB: the same arithmetic gives
   28.01 GB, and 28.04 GB would need 7 to 11 million more fp32 values than its embedding and output
-  layers hold. We take it to be an error in the table.
+  layers hold.
 * The percentages do not follow one rule: 47.4% = 1 - 6.56/12.48; 44.10% = (1 - 11.80%)/2 with
   Table 5's embedding share of TinyLlama (exactly 11.92%, hence 44.04% here); 48.04% follows
   neither from its own figures (28.04/53.92 saves 48.00%) nor from the exact count (48.05%).
@@ -235,22 +235,19 @@ PAPER_TABLE1: Mapping[str, PaperRow] = MappingProxyType(
     {
         "gpt2-xl": PaperRow(
             "GPT2-1.5B", 12.48, 6.56, "47.4%", 1.56e9, 50304 * 1600,
-            "The paper's GPT2-1.5B is nanoGPT's: vocabulary padded to 50304 (1,557,686,400 parameters, "
-            "also 12.46 GB) and the output head tied to wte, counted once (untied: 13.1 GB). Its reference "
-            "code gave the position embedding wpe one value; this preset keeps it elementwise (+6.6 MB; "
-            "6.55 GB with rules {'wpe': 'tensor'}).",
+            "GPT2-1.5B is nanoGPT's: vocabulary padded to 50304 (1,557,686,400 parameters, 12.46 GB), output "
+            "head tied to wte and counted once (untied: 13.1 GB). wpe elementwise here (+6.6 MB); 6.55 GB with "
+            "rules {'wpe': 'tensor'}.",
         ),
         "tinyllama-1b": PaperRow(
             "TinyLlama-1B", 8.80, 4.92, "44.10%", 1.10e9, 32000 * 2048 * 2,
-            "Both GB figures agree. The paper's 44.10% is (1 - 11.80%)/2 with the embedding share of its "
-            "Table 5; the exact share is 11.92% (131,072,000 / 1,100,048,384), hence 44.04%.",
+            "Embedding share: 11.80% in the paper's Table 5, 11.92% exact (131,072,000 / 1,100,048,384); "
+            "(1 - 11.80%)/2 = 44.10%, (1 - 11.92%)/2 = 44.04%.",
         ),
         "llama2-7b": PaperRow(
             "Llama2-7B", 53.92, 28.04, "48.04%", 6.74e9, 32000 * 4096 * 2,
-            "28.04 GB follows from no parameter count consistent with 53.92 GB: the paper's own arithmetic "
-            "gives 28.01 GB, and 28.04 GB would need 7 to 11 million more fp32 values than the embedding "
-            "and output layers hold; we take it to be an error in the table. Nor does 48.04% follow from "
-            "its own figures (28.04/53.92 saves 48.00%) or the exact count (48.05%).",
+            "The paper's arithmetic gives 28.01 GB; 28.04 GB is 7 to 11 million fp32 values more than the "
+            "embedding and output layers hold. Saving: 48.00% from 28.04/53.92, 48.05% from the exact count.",
         ),
     }
 )

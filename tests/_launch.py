@@ -1,7 +1,17 @@
-"""Start N CPU processes of a script the way a cluster launcher would (LOCAL_RANK, MASTER_PORT, ...).
+"""Start N CPU processes of a script the way a cluster launcher would (LOCAL_RANK, MASTER_PORT, ...),
+and end them (:func:`end_worker`).
 
 Lightning's environment then sees processes "created externally" and does not fork its own; a hang
 in a collective ends at ``timeout`` (every process is killed) instead of stalling the test run.
+
+Every multi-process worker ends with :func:`end_worker`: a last barrier, then ``os._exit``. A worker
+that returned normally instead tore gloo down (``destroy_process_group``, then the interpreter's
+finalization and C++ static destructors, which free the process group, its worker threads and the
+async work FSDP2 keeps) while its peer did the same and closed its sockets and, on rank 0, the
+TCP store. A barrier before ``destroy_process_group`` only lines up where the two teardowns start,
+not where they end, and about once in 60 runs rank 1 aborted in that window with "terminate called
+without an active exception" (``std::terminate`` from a C++ destructor, not a Python error). With
+``os._exit`` no destructor runs at all: there is no teardown left to race.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,3 +70,30 @@ def launch(script: Path, args: list[str], nprocs: int, timeout: float) -> float:
             output.append(f"---- rank {rank} ----\n{log.read()[-6000:]}")
         raise RuntimeError(f"{script.name} {' '.join(args)}: {failed}\n" + "\n".join(output))
     return time.monotonic() - start
+
+
+def end_worker(code: int = 0) -> NoReturn:
+    """End this worker process now with ``code``, without tearing down gloo or the interpreter.
+
+    With ``code == 0`` every rank first meets in a barrier (so no rank leaves while its peer still
+    needs it for a collective); on an error (``code != 0``) it leaves at once, since its peer may be
+    stuck in a collective that will never complete. Results must be written (files closed) before.
+    Loggers are finalized by ``Trainer.fit`` itself.
+
+    Example::
+
+        if __name__ == "__main__":
+            try:
+                main()
+            except BaseException:
+                traceback.print_exc()
+                end_worker(1)
+            end_worker(0)
+    """
+    import torch.distributed as dist
+
+    if code == 0 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_COMMAND = "python examples/hf_llama.py"  # as documented
@@ -69,21 +70,37 @@ def test_hf_llama_says_how_to_install_transformers_when_it_is_missing(monkeypatc
     assert 'pip install -e ".[hf]"' in message and "transformers" in message, message
 
 
-def test_compare_optimizers_table():
-    out = run(COMPARE_COMMAND, "--steps", "4", "--val-batches", "2").stdout
+def test_compare_optimizers_table(tmp_path):
+    out = run(COMPARE_COMMAND, "--steps", "4", "--every", "2", "--val-batches", "2", "--log-dir", str(tmp_path)).stdout
     rows = {}
     for line in out.splitlines():
-        match = re.match(r"^(AdamW|AdamMini|Eve|MicroAdam) +(\S+) +(\S+) +(\S+) +(\S+) +(\S+) +(\S+)$", line)
+        match = re.match(r"^(AdamW|AdamMini|Eve|MicroAdam)" + r" +(\S+)" * 8 + "$", line)
         if match:
             name, *values = match.groups()
-            rows[name] = dict(zip(("train", "val", "bytes", "step_ms", "opt_ms", "distance"), map(float, values)))
+            keys = ("lr", "train", "val", "vs_adamw", "bytes", "step_ms", "opt_ms", "distance")
+            rows[name] = dict(zip(keys, map(float, values)))
     assert list(rows) == ["AdamW", "AdamMini", "Eve", "MicroAdam"], out
     for name, row in rows.items():
         assert math.isfinite(row["train"]) and row["val"] < math.log(256) + 0.5, (name, row)
         assert row["step_ms"] > row["opt_ms"] > 0, (name, row)
+        assert row["vs_adamw"] == pytest.approx(row["val"] - rows["AdamW"]["val"], abs=2e-4)
+    # each at its stable lr from docs/benchmarks.md's sweep
+    assert [row["lr"] for row in rows.values()] == [1e-3, 1e-3, 1e-3, 3e-3]
     assert rows["AdamW"]["bytes"] == 8.00
     assert 4.0 <= rows["AdamMini"]["bytes"] <= 4.1 and 4.0 <= rows["Eve"]["bytes"] <= 4.15
     assert rows["MicroAdam"]["bytes"] < 1.5  # about 1: 99% of the tiny GPT's parameters are compressed
     assert rows["AdamW"]["distance"] == 0.0  # the reference itself
     for name in ("AdamMini", "Eve", "MicroAdam"):
         assert 0.0 < rows[name]["distance"] < 0.5, (name, rows[name])  # same start and data: close, not equal
+        assert f"{name} ended " in out and "nats" in out
+
+    # one TensorBoard run per optimizer under one directory, with the callbacks' tags at the same steps
+    runs = tmp_path / "version_0"
+    assert sorted(p.name for p in runs.iterdir()) == ["adam_mini", "adamw", "eve", "micro_adam"]
+    for run_dir in runs.iterdir():
+        acc = EventAccumulator(str(run_dir))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("lowmem/state/total_mb")] == [2, 4]
+        distance = [e.value for e in acc.Scalars("lowmem/trajectory/compare/rel_l2")]
+        assert len(distance) == 2 and (distance == [0.0, 0.0]) == (run_dir.name == "adamw")
+        assert len(acc.Scalars("train/loss")) == 4 and len(acc.Scalars("val/loss")) == 1

@@ -5,12 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import os
 import re
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -20,7 +15,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from _launch import launch  # tests/_launch.py: tests/ is on sys.path through its conftest.py
+
 from lightning_lowmem import AdamMini, Eve, LowMemOptimizerMixin, OptimConfig, SchedulerConfig
+from lightning_lowmem.optim import NamedAdamW
 from lightning_lowmem.optim.schedulers import lr_multiplier
 from lightning_lowmem.partition import build_plan
 
@@ -155,7 +153,8 @@ def test_attribute_config_and_adamw_has_no_plan():
 
     model = WithAttribute()
     out = model.configure_optimizers()
-    assert type(out["optimizer"]) is torch.optim.AdamW and out["optimizer"].param_groups[0]["lr"] == 0.02
+    assert type(out["optimizer"]) is NamedAdamW and out["optimizer"].param_groups[0]["lr"] == 0.02
+    assert isinstance(out["optimizer"], torch.optim.AdamW)
     assert model.lowmem_plan is None
 
 
@@ -169,7 +168,8 @@ def test_missing_config_says_where_to_put_it():
     message = (
         "LitTiny has no optimizer config for LowMemOptimizerMixin. Either give the model an `optim` argument "
         "and call self.save_hyperparameters() in __init__ (it is read from self.hparams.optim; with LightningCLI: "
-        "--model.optim.name=adam_mini), or set self.lowmem_optim_config = OptimConfig(...) (or a dict) in __init__. "
+        "--model.optim.name=adam_mini), set self.lowmem_optim_config = OptimConfig(...) (or a dict) in __init__, "
+        "or set self.lowmem_optimizer = AdamMini (or LightningCLI's OptimizerCallable) to build it from the module. "
         "Optimizers: adamw, adam_mini, adam_mini_paper, eve"
     )
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -221,15 +221,19 @@ def test_lightning_cli(tmp_path, source):
 
 
 FSDP_WORKER = r'''
-import datetime, importlib.util, json, sys
+import datetime, importlib.util, json, os, sys
+from pathlib import Path
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+sys.path.insert(0, str(Path(sys.argv[1]).parent))  # tests/: the launcher's helpers
+from _launch import end_worker
+
 spec = importlib.util.spec_from_file_location("lowmem_test_module", sys.argv[1])
 mod = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+dist.init_process_group("gloo", rank=int(os.environ["LOCAL_RANK"]), world_size=2, timeout=datetime.timedelta(seconds=60))
 cfg = {"name": sys.argv[3], "lr": 0.01, "backend": "torch", "scheduler": {"name": "cosine", "total_steps": 4}}
 
 
@@ -262,29 +266,15 @@ if dist.get_rank() == 0:
     with open(sys.argv[2], "w") as f:
         json.dump({"all_dtensor": all_dtensor, "plan": str(sharded.lowmem_plan), "ref_plan": str(ref.lowmem_plan),
                    "details": sharded.lowmem_plan.details(), "ref_details": ref.lowmem_plan.details(), "diff": diff}, f)
-dist.barrier()  # neither rank tears gloo down while the other still talks to it
-dist.destroy_process_group()
+end_worker(0)  # a barrier, then no teardown of gloo to race with the peer's (see tests/_launch.py)
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_fsdp2_dtensor_parameters(tmp_path):
     """On 2 gloo ranks (rows split unevenly: head 6 | 5), the plan and the trained weights match one process."""
     worker, out = tmp_path / "worker.py", tmp_path / "out.json"
     worker.write_text(FSDP_WORKER)
-    repo = str(Path(__file__).parents[1])
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(worker), __file__, str(out), "adam_mini"]
-    procs = [subprocess.Popen(command, env={**base, "RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
-    logs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    launch(worker, [__file__, str(out), "adam_mini"], nprocs=2, timeout=120)
     result = json.loads(out.read_text())
     assert result["all_dtensor"]
     for key in ("plan", "details"):

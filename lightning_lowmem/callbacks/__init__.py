@@ -1,6 +1,7 @@
 """Lightning callbacks that show what a low-memory optimizer saves and costs, in TensorBoard.
 
-Each is a thin adapter over a framework-free core (the ``_*.py`` modules) and logs under ``lowmem/``:
+Each is a thin adapter over a framework-free core (:mod:`lightning_lowmem.callbacks.core`, usable
+without Lightning) and logs under ``lowmem/``, in MB where it counts bytes:
 
 * :class:`OptimizerStateMonitor`: optimizer state bytes per rank and in total, by block kind,
   against fp32 AdamW, and peak memory;
@@ -17,9 +18,15 @@ Example::
     ...                   callbacks=[OptimizerStateMonitor(), LossSpikeMonitor(), OptimizerDiagnostics()])
 """
 
-from lightning_lowmem.callbacks._distance import Distance, ShadowAdamW, weight_distance
-from lightning_lowmem.callbacks._spike_stats import SpikeDecision, SpikeDetector
-from lightning_lowmem.callbacks._state_memory import StateMemory, measure_state_memory
+from lightning_lowmem.callbacks.core import (
+    Distance,
+    ShadowAdamW,
+    SpikeDecision,
+    SpikeDetector,
+    StateMemory,
+    measure_state_memory,
+    weight_distance,
+)
 from lightning_lowmem.callbacks.diagnostics import OptimizerDiagnostics
 from lightning_lowmem.callbacks.spikes import LossSpikeError, LossSpikeMonitor
 from lightning_lowmem.callbacks.state_monitor import OptimizerStateMonitor

@@ -4,12 +4,24 @@ Scalars go to every logger of the ``Trainer`` (``logger.log_metrics``, which wri
 text, histograms and the custom-scalars layout go to the first ``TensorBoardLogger``. Every tag
 starts with :data:`PREFIX`. None of these helpers runs a collective, and none is ``rank_zero_only``:
 the callbacks' hooks run on every rank because their measurements do run collectives.
+
+A quantity with several series (state MB by block kind, the update ratio by layer group) is one
+tag written to one TensorBoard run per series (``SummaryWriter.add_scalars``: the run
+``version_0/lowmem_state_mb_by_kind_row`` holds the ``row`` series of ``lowmem/state/mb_by_kind``),
+because TensorBoard colours lines by run: so they are one chart whose lines a reader tells apart.
+Other loggers get the series as ``<tag>/<series>``.
+
+The custom-scalars layout lists only the charts that have data: it is written again, with the new
+charts, when a callback logs a tag for the first time (TensorBoard shows the latest layout).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import re
+import weakref
 
 import torch
 from lightning.fabric.loggers import TensorBoardLogger
@@ -28,21 +40,18 @@ Layout = dict[str, dict[str, list[Any]]]
 
 
 class LowMemCallback(Callback):
-    """Base of the ``lowmem`` callbacks: refuses a ``Trainer`` without a logger, writes the layout once.
+    """Base of the ``lowmem`` callbacks: refuses to fit with a ``Trainer`` without a logger.
 
-    Subclasses describe their TensorBoard charts in :meth:`charts`; the first ``lowmem`` callback to
-    reach ``on_train_start`` writes one custom-scalars layout with the charts of all of them.
+    Subclasses describe their TensorBoard charts in :meth:`charts`; one custom-scalars layout holds
+    the charts of all of them that have data.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.loggers:
+        if stage == "fit" and not trainer.loggers:  # they measure and log during training only
             raise MisconfigurationException(
                 f"Cannot use `{type(self).__name__}` callback with `Trainer` that has no logger. "
                 "Pass Trainer(logger=TensorBoardLogger(...)) (or leave the default logger on)."
             )
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        write_layout(trainer)
 
     def charts(self, trainer: pl.Trainer) -> Layout:
         """This callback's part of the custom-scalars layout."""
@@ -62,6 +71,21 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     metrics = {k: float(v) for k, v in metrics.items()}
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
+    _logged(trainer, metrics)
+
+
+def log_series(trainer: pl.Trainer, tag: str, values: Mapping[str, float], step: int) -> None:
+    """Log the series ``values`` (``series -> value``) of quantity ``tag`` at ``step``: one run per series in TensorBoard."""
+    if not values:
+        return
+    values = {k: float(v) for k, v in values.items()}
+    writer = tensorboard_writer(trainer)
+    for logger in trainer.loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_metrics({f"{tag}/{k}": v for k, v in values.items()}, step=step)
+    if writer is not None and trainer.is_global_zero:
+        writer.add_scalars(tag, values, global_step=step)
+    _logged(trainer, {tag: 0.0})
 
 
 def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
@@ -80,19 +104,40 @@ def log_histogram(trainer: pl.Trainer, tag: str, values: torch.Tensor, step: int
         writer.add_histogram(tag, values.detach().to(torch.float64).cpu(), global_step=step)
 
 
-def write_layout(trainer: pl.Trainer) -> None:
-    """Write the custom-scalars layout of every ``lowmem`` callback of ``trainer``, once per writer."""
+# writer -> (tags logged so far, the layout last written)
+_written: weakref.WeakKeyDictionary[Any, tuple[set[str], Layout | None]] = weakref.WeakKeyDictionary()
+
+
+def _logged(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     writer = tensorboard_writer(trainer)
-    if writer is None or not trainer.is_global_zero or getattr(writer, "_lowmem_layout_written", False):
+    if writer is None or not trainer.is_global_zero:
         return
+    tags, _ = _written.setdefault(writer, (set(), None))
+    if not tags.issuperset(metrics):
+        tags.update(metrics)
+        write_layout(trainer)
+
+
+def write_layout(trainer: pl.Trainer) -> None:
+    """Write the custom-scalars layout of the ``lowmem`` callbacks of ``trainer``: the charts that have data.
+
+    A chart has data when one of its tag patterns matches a tag logged through :func:`log_scalars`
+    or :func:`log_series`. Nothing is written when the layout has not changed.
+    """
+    writer = tensorboard_writer(trainer)
+    if writer is None or not trainer.is_global_zero:
+        return
+    tags, last = _written.setdefault(writer, (set(), None))
     layout: Layout = {}
     for callback in trainer.callbacks:
         if isinstance(callback, LowMemCallback):
             for category, charts in callback.charts(trainer).items():
-                layout.setdefault(category, {}).update(charts)
-    if layout:
+                for title, (kind, patterns) in charts.items():
+                    if any(re.search(p, t) for p in patterns for t in tags):
+                        layout.setdefault(category, {})[title] = [kind, patterns]
+    if layout and layout != last:
         writer.add_custom_scalars(layout)
-        writer._lowmem_layout_written = True
+        _written[writer] = (tags, layout)
 
 
 _warned: set[tuple[int, str]] = set()

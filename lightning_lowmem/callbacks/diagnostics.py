@@ -8,15 +8,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from lightning_lowmem.callbacks._diagnostics import (
-    effective_lr_samples,
-    layer_group,
-    quantile_names,
-    quantiles_of,
-    update_ratios,
-    weights_by_group,
-)
-from lightning_lowmem.callbacks._kinds import kinds_present, param_blocks, param_kinds, parameter_names, segment_sizes
 from lightning_lowmem.callbacks._logging import (
     PREFIX,
     Layout,
@@ -24,7 +15,17 @@ from lightning_lowmem.callbacks._logging import (
     check_positive_int,
     log_histogram,
     log_scalars,
+    log_series,
 )
+from lightning_lowmem.callbacks.core.diagnostics import (
+    layer_group,
+    quantile_names,
+    quantiles_of,
+    relative_lr_samples,
+    update_ratios,
+    weights_by_group,
+)
+from lightning_lowmem.callbacks.core.kinds import kinds_present, parameter_names, state_segments
 from lightning_lowmem.strategies.sharding import total_grad_norm
 
 if TYPE_CHECKING:
@@ -48,21 +49,24 @@ class _Pending(NamedTuple):
 class OptimizerDiagnostics(LowMemCallback):
     r"""Logs what the optimizer does to the weights, for low-memory optimizers and AdamW alike.
 
-    Every ``every_n_steps`` optimizer steps (the first one included), for the update with index
-    ``step = trainer.global_step`` (the step Lightning logs that batch's loss at):
+    For the updates with index ``step = trainer.global_step`` (the step Lightning logs that
+    batch's loss at) ``every_n_steps``, ``2 * every_n_steps``, ... and the last update of the fit
+    (the first update, index 0, is left out: its lr is usually 0 under warmup and its second moment
+    is one gradient, which says little about the run):
 
     * ``lowmem/diagnostics/grad_norm``: the global gradient norm before the update (and before
       gradient clipping), reduced across ranks for FSDP2 ``DTensor`` gradients;
-    * ``lowmem/diagnostics/effective_lr/<kind>/p<q>``: quantiles, and a histogram
-      ``lowmem/diagnostics/effective_lr/<kind>``, of the effective per-block learning rate
-      :math:`\eta / (\sqrt{\hat v_b} + \epsilon)` after the update, per block kind (segments of a
-      fused ``mixed`` parameter by their own kind; every element of AdamW is a ``full`` block), so
-      an AdamW run and an AdamMini run can be laid side by side (see
-      :mod:`lightning_lowmem.callbacks._diagnostics`; parameters without ``exp_avg_sq``, like
+    * ``lowmem/diagnostics/log10_relative_lr/<kind>/p<q>``: quantiles, and a histogram
+      ``lowmem/diagnostics/log10_relative_lr/<kind>``, of :math:`\log_{10}` of the effective
+      per-block learning rate divided by the configured one, :math:`1 / (\sqrt{\hat v_b} +
+      \epsilon)`, after the update, per block kind (segments of a fused parameter by their own
+      kind; every element of AdamW is a ``full`` block), so an AdamW run and an AdamMini run can be
+      laid side by side: 3 means the block steps 1000 times its lr times its momentum (see
+      :mod:`lightning_lowmem.callbacks.core.diagnostics`; parameters without ``exp_avg_sq``, like
       MicroAdam's compressed ones, have none);
-    * ``lowmem/diagnostics/update_ratio/<group>``: :math:`\lVert\Delta w\rVert / \lVert w\rVert` of the
-      update per layer group (``transformer.h.3``, ``transformer.wte``, ...; see
-      :func:`~lightning_lowmem.callbacks._diagnostics.layer_group`). This needs a copy of the
+    * ``lowmem/diagnostics/update_ratio``: :math:`\lVert\Delta w\rVert / \lVert w\rVert` of the
+      update, one series per layer group (``transformer.h.3``, ``transformer.wte``, ...; see
+      :func:`~lightning_lowmem.callbacks.core.diagnostics.layer_group`). This needs a copy of the
       (local shards of the) weights during a diagnosed step.
 
     Every ``lowmem`` callback's charts are grouped in one TensorBoard custom-scalars layout (the
@@ -89,7 +93,7 @@ class OptimizerDiagnostics(LowMemCallback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 50,
         quantiles: Sequence[float] = (0.01, 0.5, 0.99),
         histograms: bool = True,
         max_samples: int = 4096,
@@ -124,7 +128,8 @@ class OptimizerDiagnostics(LowMemCallback):
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps:
+        last = step + 1 >= trainer.estimated_stepping_batches
+        if step == 0 or (step % self.every_n_steps and not last):
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = float(total_grad_norm(params))
@@ -141,15 +146,18 @@ class OptimizerDiagnostics(LowMemCallback):
         trainer, step = pending.trainer, pending.step
         metrics = {f"{TAG}/grad_norm": pending.grad_norm}
         ratios = update_ratios(pending.before, pending.named, self.group_fn, pending.mesh)
-        metrics.update({f"{TAG}/update_ratio/{group}": r for group, r in ratios.items()})
-        samples = effective_lr_samples([optimizer], self.max_samples, seed=step)
+        samples = relative_lr_samples([optimizer], self.max_samples, seed=step)
         names = quantile_names(self.quantiles)
         for kind, values in samples.items():
+            if values.numel() == 0:
+                continue
+            values = values.log10()
             for name, value in zip(names, quantiles_of(values, self.quantiles)):
-                metrics[f"{TAG}/effective_lr/{kind}/{name}"] = value
+                metrics[f"{TAG}/log10_relative_lr/{kind}/{name}"] = value
             if self.histograms:
-                log_histogram(trainer, f"{TAG}/effective_lr/{kind}", values, step)
+                log_histogram(trainer, f"{TAG}/log10_relative_lr/{kind}", values, step)
         log_scalars(trainer, metrics, step)
+        log_series(trainer, f"{TAG}/update_ratio", ratios, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -166,25 +174,19 @@ class OptimizerDiagnostics(LowMemCallback):
     # ---- layout --------------------------------------------------------------------------------
 
     def charts(self, trainer: pl.Trainer) -> Layout:
-        kinds = []
-        for optimizer in trainer.optimizers:
-            blocks = param_blocks(optimizer)
-            for p, kind in param_kinds(optimizer).items():
-                if kind == "mixed":
-                    kinds.extend(k for k, _ in segment_sizes(blocks[p]))
-                else:
-                    kinds.append(kind)
+        kinds = [seg.kind for optimizer in trainer.optimizers for segs in state_segments(optimizer).values() for seg in segs]
         names = quantile_names(self.quantiles)
         charts: dict[str, list[Any]] = {
-            "gradient norm": ["Multiline", [rf"^{TAG}/grad_norm$"]],
-            "update / weight norm per layer group": ["Multiline", [rf"^{TAG}/update_ratio/.*"]],
+            "gradient norm (before clipping)": ["Multiline", [rf"^{TAG}/grad_norm$"]],
+            "update / weight norm by layer group": ["Multiline", [rf"^{TAG}/update_ratio$"]],
         }
         for kind in kinds_present(kinds):
-            tags = [f"{TAG}/effective_lr/{kind}/{n}" for n in names]
+            tags = [f"{TAG}/log10_relative_lr/{kind}/{n}" for n in names]
+            title = f"log10(effective lr / lr): {kind} blocks"
             if 0.5 in self.quantiles and len(self.quantiles) >= 3:  # median with the outermost quantiles as margins
                 lo, hi = names[self.quantiles.index(min(self.quantiles))], names[self.quantiles.index(max(self.quantiles))]
                 median = names[self.quantiles.index(0.5)]
-                charts[f"effective lr: {kind}"] = ["Margin", [f"{TAG}/effective_lr/{kind}/{n}" for n in (median, lo, hi)]]
+                charts[f"{title} (median, {lo}-{hi})"] = ["Margin", [f"{TAG}/log10_relative_lr/{kind}/{n}" for n in (median, lo, hi)]]
             else:
-                charts[f"effective lr: {kind}"] = ["Multiline", tags]
+                charts[title] = ["Multiline", [f"^{t}$" for t in tags]]
         return {f"{PREFIX}: optimizer diagnostics": charts}

@@ -13,8 +13,16 @@ import torch
 from lightning.fabric.utilities.spike import TrainingSpikeException
 from torch.optim import Optimizer
 
-from lightning_lowmem.callbacks._logging import PREFIX, Layout, LowMemCallback, check_positive_int, log_scalars, log_text
-from lightning_lowmem.callbacks._spike_stats import MONITORS, SpikeDecision, SpikeDetector
+from lightning_lowmem.callbacks._logging import (
+    PREFIX,
+    Layout,
+    LowMemCallback,
+    check_positive_int,
+    log_scalars,
+    log_series,
+    log_text,
+)
+from lightning_lowmem.callbacks.core.spike_stats import MONITORS, SpikeDecision, SpikeDetector
 from lightning_lowmem.optim.hparams import check_choice
 from lightning_lowmem.strategies.sharding import total_grad_norm
 
@@ -46,7 +54,7 @@ class LossSpikeMonitor(LowMemCallback):
     * the global gradient norm (FSDP2 ``DTensor`` gradients are reduced across ranks),
 
     against exponential moving statistics of both (z-score, with warmup and an optional ratio test;
-    see :mod:`lightning_lowmem.callbacks._spike_stats`). Spikes are kept out of the statistics. A
+    see :mod:`lightning_lowmem.callbacks.core.spike_stats`). Spikes are kept out of the statistics. A
     NaN or infinite loss or gradient norm is always a spike, warmup or not. The decision is also
     combined across ranks (``reduce_boolean_decision``, any rank), so all ranks act alike. Then:
 
@@ -65,7 +73,7 @@ class LossSpikeMonitor(LowMemCallback):
     ``step = trainer.global_step`` (the index of the update it would have been, the step Lightning
     logs that batch's loss at) as scalars ``lowmem/spikes/{count,loss,grad_norm,z}`` and as a text
     line in ``lowmem/spikes/events``; every ``trainer.log_every_n_steps`` steps the running count and
-    the z-scores (``lowmem/spikes/zscore/<monitor>``) are logged too.
+    the z-scores (``lowmem/spikes/zscore``, one series per monitor) are logged too.
 
     The hooks run collectives (the loss all-reduce, the gradient norm under FSDP, the decision):
     every rank must run this callback.
@@ -173,9 +181,10 @@ class LossSpikeMonitor(LowMemCallback):
         if not skip and self.backoff_remaining > 0:
             self._scale_lr(optimizer)
         if step % trainer.log_every_n_steps == 0:
-            metrics = {f"{TAG}/count": self.count}
-            metrics.update({f"{TAG}/zscore/{m}": z for m, z in decision.zscores.items() if math.isfinite(z)})
-            log_scalars(trainer, metrics, step)
+            log_scalars(trainer, {f"{TAG}/count": self.count}, step)
+            # a z-score needs two earlier values (a mean and a spread): none at the first steps
+            zscores = {m: z for m, z in decision.zscores.items() if math.isfinite(z) and self.detector.stats[m].count > 2}
+            log_series(trainer, f"{TAG}/zscore", zscores, step)
         self._reset_step()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -302,8 +311,12 @@ class LossSpikeMonitor(LowMemCallback):
         return {
             f"{PREFIX}: loss spikes": {
                 "spikes so far": ["Multiline", [rf"^{TAG}/count$"]],
-                "z-scores": ["Multiline", [rf"^{TAG}/zscore/.*", rf"^{TAG}/z$"]],
-                "loss and gradient norm at spikes": ["Multiline", [rf"^{TAG}/(loss|grad_norm)$"]],
+                f"z-score against the running statistics (a spike above {self.detector.threshold:g})": [
+                    "Multiline", [rf"^{TAG}/zscore$"]
+                ],
+                "z-score of each spike": ["Multiline", [rf"^{TAG}/z$"]],
+                "loss at spikes": ["Multiline", [rf"^{TAG}/loss$"]],
+                "gradient norm at spikes": ["Multiline", [rf"^{TAG}/grad_norm$"]],
             }
         }
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from lightning_lowmem.callbacks._logging import PREFIX, Layout, LowMemCallback, check_positive_int, log_scalars, log_text
-from lightning_lowmem.callbacks._state_memory import StateMemory, measure_state_memory, peak_memory_bytes
-from lightning_lowmem.optim import MicroAdam
-from lightning_lowmem.optim.registry import plan_of
+from lightning_lowmem.callbacks._logging import (
+    PREFIX,
+    Layout,
+    LowMemCallback,
+    check_positive_int,
+    log_scalars,
+    log_series,
+    log_text,
+)
+from lightning_lowmem.callbacks.core.kinds import state_summary
+from lightning_lowmem.callbacks.core.state_memory import MB, StateMemory, measure_state_memory, peak_memory_bytes
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -18,25 +25,28 @@ TAG = f"{PREFIX}/state"
 class OptimizerStateMonitor(LowMemCallback):
     """Logs the optimizer state's memory: per rank and in total, by block kind, against fp32 AdamW.
 
-    After the first optimizer step of a fit (when the state exists) and then every ``every_n_steps``
-    steps, at ``step = trainer.global_step`` (optimizer steps taken), under ``lowmem/state/``:
+    After the first optimizer step of a fit (when the state exists), every ``every_n_steps`` steps
+    and after the last step, at ``step = trainer.global_step`` (optimizer steps taken), under
+    ``lowmem/state/``, in MB (1e6 bytes):
 
-    * ``total_bytes`` and ``total_bytes/<kind>``: the state's logical size, the shards of all ranks
-      and every replicated tensor once (what one device would hold);
-    * ``rank_bytes`` and ``rank_bytes/<kind>``: bytes held by the fullest rank (and
-      ``rank_bytes_min`` by the emptiest, with several ranks);
+    * ``total_mb``: the state's logical size, the shards of all ranks and every replicated tensor
+      once (what one device would hold);
+    * ``mb_by_kind``: the same by block kind, one series per kind;
+    * ``saving_percent``: the saving against fp32 AdamW's state for the same parameters (8 bytes
+      each);
     * ``bytes_per_param``: total bytes per trainable parameter;
-    * ``adamw_bytes``, ``saving_bytes``, ``saving_percent``: fp32 AdamW's state for the same
-      parameters (8 bytes each), and the saving against it;
-    * ``peak_memory_bytes``: the fullest rank's peak device memory: the CUDA allocator's peak on a
+    * ``rank_mb`` and ``rank_min_mb`` (with several ranks): the fullest and the emptiest rank's state;
+    * ``peak_memory_mb``: the fullest rank's peak device memory: the CUDA allocator's peak on a
       GPU, the process's peak RSS on CPU.
 
-    ``<kind>`` is the parameter's block kind in the optimizer's plan (``full``, ``row``, ``head``,
-    ``tensor``, ``mixed``), ``compressed`` for MicroAdam's compressed parameters, ``full`` for any
-    other optimizer. Bytes are counted from the state tensors themselves, each piece of memory once
-    (:func:`lightning_lowmem.utils.tensors_bytes`), so the numbers are right for AdamW, AdamMini,
-    Eve, MicroAdam and any ``torch.optim.Optimizer``. Once, the block plan (or MicroAdam's summary)
-    and the measured table are written as TensorBoard text (``lowmem/state/plan``).
+    A kind is the block kind of the optimizer's plan (``full``, ``row``, ``head``, ``tensor``; a
+    fused projection is counted by its segments, as the plan's table counts it), ``compressed`` for
+    MicroAdam's compressed parameters, ``full`` for any other optimizer (see
+    :mod:`lightning_lowmem.callbacks.core.kinds`). Bytes are counted from the state tensors
+    themselves, each piece of memory once (:func:`lightning_lowmem.utils.tensors_bytes`), so the
+    numbers are right for AdamW, AdamMini, Eve, MicroAdam and any ``torch.optim.Optimizer``. Once,
+    the optimizer's own table (the block plan, or MicroAdam's summary) and the measured table are
+    written as TensorBoard text (``lowmem/state/plan``).
 
     Under FSDP every rank must run this callback (each measurement is one all-gather).
 
@@ -62,6 +72,7 @@ class OptimizerStateMonitor(LowMemCallback):
         self._plan_logged = False
         self._measured_in_fit = False
         self._last_step: int | None = None
+        self._measured_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -80,8 +91,17 @@ class OptimizerStateMonitor(LowMemCallback):
         if self._measured_in_fit and step % self.every_n_steps:
             return
         self._measured_in_fit = True
+        self._measure(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._measured_in_fit and self._measured_step != trainer.global_step:
+            self._measure(trainer, pl_module, trainer.global_step)
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        self._measured_step = step
         self.last = memory = measure_state_memory(trainer.optimizers, peak_memory=peak_memory_bytes(pl_module.device))
         log_scalars(trainer, self._metrics(memory), step)
+        log_series(trainer, f"{TAG}/mb_by_kind", {k: memory.total_bytes_by_kind[k] / MB for k in memory.kinds}, step)
         if self.log_plan and not self._plan_logged:
             self._plan_logged = True
             log_text(trainer, f"{TAG}/plan", self._plan_text(trainer, memory), step)
@@ -89,30 +109,23 @@ class OptimizerStateMonitor(LowMemCallback):
     @staticmethod
     def _metrics(memory: StateMemory) -> dict[str, float]:
         metrics = {
-            f"{TAG}/total_bytes": memory.total_bytes,
-            f"{TAG}/rank_bytes": max(memory.rank_bytes),
-            f"{TAG}/bytes_per_param": memory.bytes_per_param,
-            f"{TAG}/adamw_bytes": memory.adamw_bytes,
-            f"{TAG}/saving_bytes": memory.saving_bytes,
+            f"{TAG}/total_mb": memory.total_mb,
             f"{TAG}/saving_percent": memory.saving_percent,
-            f"{TAG}/peak_memory_bytes": max(memory.peak_memory),
+            f"{TAG}/bytes_per_param": memory.bytes_per_param,
+            f"{TAG}/peak_memory_mb": max(memory.peak_memory) / MB,
         }
         if len(memory.rank_bytes) > 1:
-            metrics[f"{TAG}/rank_bytes_min"] = min(memory.rank_bytes)
-        for kind in memory.kinds:
-            metrics[f"{TAG}/total_bytes/{kind}"] = memory.total_bytes_by_kind[kind]
-            metrics[f"{TAG}/rank_bytes/{kind}"] = max(memory.rank_bytes_by_kind[kind])
+            metrics[f"{TAG}/rank_mb"] = max(memory.rank_bytes) / MB
+            metrics[f"{TAG}/rank_min_mb"] = min(memory.rank_bytes) / MB
         return metrics
 
     @staticmethod
     def _plan_text(trainer: pl.Trainer, memory: StateMemory) -> str:
         parts = []
         for optimizer in trainer.optimizers:
-            plan = plan_of(optimizer)
-            if plan is not None:
-                parts.append((f"{type(optimizer).__name__} block plan", plan.summary()))
-            elif isinstance(optimizer, MicroAdam):
-                parts.append(("MicroAdam state", optimizer.summary()))
+            summary = state_summary(optimizer)
+            if summary is not None:
+                parts.append((f"{type(optimizer).__name__} state layout", summary))
         names = ", ".join(type(o).__name__ for o in trainer.optimizers)
         parts.append((f"Measured state ({names}, {len(memory.rank_bytes)} rank(s))", memory.table()))
         return "\n\n".join(f"**{title}**\n\n" + "\n".join("    " + line for line in text.splitlines()) for title, text in parts)
@@ -120,12 +133,12 @@ class OptimizerStateMonitor(LowMemCallback):
     def charts(self, trainer: pl.Trainer) -> Layout:
         return {
             f"{PREFIX}: optimizer state": {
-                "state bytes, total and by kind": ["Multiline", [rf"^{TAG}/total_bytes(/.*)?$", rf"^{TAG}/adamw_bytes$"]],
-                "state bytes of a rank": ["Multiline", [rf"^{TAG}/rank_bytes.*"]],
-                "bytes per parameter": ["Multiline", [rf"^{TAG}/bytes_per_param$"]],
+                "state MB": ["Multiline", [rf"^{TAG}/total_mb$"]],
+                "state MB by block kind": ["Multiline", [rf"^{TAG}/mb_by_kind$"]],
                 "saving vs fp32 AdamW (%)": ["Multiline", [rf"^{TAG}/saving_percent$"]],
-                "saving vs fp32 AdamW (bytes)": ["Multiline", [rf"^{TAG}/saving_bytes$"]],
-                "peak memory (bytes)": ["Multiline", [rf"^{TAG}/peak_memory_bytes$"]],
+                "bytes per parameter (fp32 AdamW: 8)": ["Multiline", [rf"^{TAG}/bytes_per_param$"]],
+                "state MB of the fullest and the emptiest rank": ["Multiline", [rf"^{TAG}/rank(_min)?_mb$"]],
+                "peak memory MB": ["Multiline", [rf"^{TAG}/peak_memory_mb$"]],
             }
         }
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_lowmem.callbacks._distance import (
+from lightning_lowmem.callbacks.core.distance import (
     Distance,
     ShadowAdamW,
     list_snapshots,
@@ -18,8 +18,8 @@ from lightning_lowmem.callbacks._distance import (
     snapshot_path,
     weight_distance,
 )
-from lightning_lowmem.callbacks._kinds import param_kinds, parameter_names
-from lightning_lowmem.callbacks._logging import PREFIX, Layout, LowMemCallback, check_positive_int, log_scalars
+from lightning_lowmem.callbacks.core.kinds import param_kinds, parameter_names
+from lightning_lowmem.callbacks._logging import PREFIX, Layout, LowMemCallback, check_positive_int, log_scalars, log_series
 from lightning_lowmem.optim.hparams import check_choice
 
 if TYPE_CHECKING:
@@ -34,10 +34,10 @@ class TrajectoryDistance(LowMemCallback):
 
     Run the low-memory optimizer and AdamW from the same initial weights and data order
     (``seed_everything``, the same data module) and measure, every ``every_n_steps`` optimizer
-    steps, the L2 and relative L2 distance :math:`\lVert w - w^{\mathrm{AdamW}}\rVert_2 /
+    steps and after the last one, the L2 and relative L2 distance :math:`\lVert w - w^{\mathrm{AdamW}}\rVert_2 /
     \lVert w^{\mathrm{AdamW}}\rVert_2` over all trainable parameters and per block kind.
 
-    * ``mode="record"``, in the AdamW run: save the weights after 0, N, 2N, ... steps under
+    * ``mode="record"``, in the AdamW run: save the weights after 0, N, 2N, ... steps and the last under
       ``dirpath/step_<8 digits>/`` with ``torch.distributed.checkpoint`` (under FSDP each rank
       writes its shards; a recording loads on any number of ranks).
     * ``mode="compare"``, in the low-memory run: load the snapshot of the same step into fresh
@@ -55,15 +55,18 @@ class TrajectoryDistance(LowMemCallback):
       at different weights differ. The copy and its state are saved in checkpoints.
 
     Distances are logged at ``step = trainer.global_step`` (optimizer steps taken) as
-    ``lowmem/trajectory/<mode>/l2``, ``.../rel_l2`` and per kind ``.../l2/<kind>``,
-    ``.../rel_l2/<kind>`` (the kind of a parameter in the optimizer's block plan; ``full`` for
-    AdamW). The hooks run collectives under FSDP (checkpoint I/O, one all-reduce per distance):
+    ``lowmem/trajectory/<mode>/rel_l2``, ``.../l2`` and ``.../rel_l2_by_kind`` (one series per kind:
+    the parameter's block kind in the optimizer's plan, its segments' kinds joined by ``+`` for a
+    fused projection such as GPT-2's ``c_attn``, ``head+row``; ``full`` for AdamW; see
+    :mod:`lightning_lowmem.callbacks.core.kinds`). In ``compare`` mode the last step is measured
+    when the recording has it (it has when it ran as many steps). The hooks run collectives under FSDP (checkpoint I/O, one all-reduce per distance):
     every rank must run this callback.
 
     Args:
         mode: ``"record"``, ``"compare"`` or ``"shadow"``.
         dirpath: the snapshots' directory (``record`` and ``compare``).
-        every_n_steps: optimizer steps between snapshots or distances (the paper uses 250).
+        every_n_steps: optimizer steps between snapshots or distances (the paper uses 250 in runs of
+            thousands of steps; 50 draws a curve in a run of a few hundred).
         shadow_hparams: AdamW hyperparameters of the shadow that replace the live optimizer's
             (``shadow`` only), e.g. ``{"betas": (0.9, 0.95)}`` when the live optimizer has none.
 
@@ -86,7 +89,7 @@ class TrajectoryDistance(LowMemCallback):
         self,
         mode: str,
         dirpath: str | os.PathLike | None = None,
-        every_n_steps: int = 250,
+        every_n_steps: int = 50,
         shadow_hparams: dict[str, Any] | None = None,
     ) -> None:
         check_choice("mode", mode, MODES)
@@ -109,6 +112,7 @@ class TrajectoryDistance(LowMemCallback):
         self._kinds: dict[str, str] = {}
         self._hook: Any = None
         self._last_step: int | None = None
+        self._measured_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -146,6 +150,16 @@ class TrajectoryDistance(LowMemCallback):
             self._at_step(trainer, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if self._measured_step != step:
+            if self.mode == "compare" and step not in list_snapshots(self.dirpath):
+                rank_zero_warn(
+                    f"TrajectoryDistance(mode='compare'): no snapshot after the last step ({step}) in "
+                    f"{str(self.dirpath)!r}, so the last distance is the one at step {self._measured_step}. "
+                    "Record with as many steps as this run to measure the end."
+                )
+            else:
+                self._at_step(trainer, step)
         self._remove_hook()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -157,6 +171,7 @@ class TrajectoryDistance(LowMemCallback):
         return {name: p for p, name in self._names.items()}
 
     def _at_step(self, trainer: pl.Trainer, step: int) -> None:
+        self._measured_step = step
         weights = self._weights()
         if self.mode == "record":
             save_snapshot(weights, snapshot_path(self.dirpath, step))
@@ -173,11 +188,8 @@ class TrajectoryDistance(LowMemCallback):
                 "measures the initialisation, not the optimizer."
             )
         tag = f"{TAG}/{self.mode}"
-        metrics = {f"{tag}/l2": distance.l2, f"{tag}/rel_l2": distance.rel_l2}
-        for kind, (l2, rel) in distance.by_kind.items():
-            metrics[f"{tag}/l2/{kind}"] = l2
-            metrics[f"{tag}/rel_l2/{kind}"] = rel
-        log_scalars(trainer, metrics, step)
+        log_scalars(trainer, {f"{tag}/rel_l2": distance.rel_l2, f"{tag}/l2": distance.l2}, step)
+        log_series(trainer, f"{tag}/rel_l2_by_kind", {kind: rel for kind, (_, rel) in distance.by_kind.items()}, step)
 
     def _snapshot(self, step: int) -> Path:
         if step not in self._snapshots:
@@ -218,8 +230,9 @@ class TrajectoryDistance(LowMemCallback):
         tag = f"{TAG}/{self.mode}"
         return {
             f"{PREFIX}: distance to AdamW's trajectory": {
-                f"{self.mode}: L2": ["Multiline", [rf"^{tag}/l2(/.*)?$"]],
-                f"{self.mode}: relative L2": ["Multiline", [rf"^{tag}/rel_l2(/.*)?$"]],
+                f"relative L2 distance to AdamW ({self.mode})": ["Multiline", [rf"^{tag}/rel_l2$"]],
+                f"relative L2 distance to AdamW by block kind ({self.mode})": ["Multiline", [rf"^{tag}/rel_l2_by_kind$"]],
+                f"L2 distance to AdamW ({self.mode})": ["Multiline", [rf"^{tag}/l2$"]],
             }
         }
 

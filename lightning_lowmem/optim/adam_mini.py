@@ -50,8 +50,10 @@ class AdamMini(BlockAdam):
         exp_avg_dtype: str = "fp32",
         exp_avg_block: int = DEFAULT_BLOCK,
         stochastic_rounding: bool = False,
+        **torch_options: Any,
     ) -> None:
         check_choice("preset for AdamMini", preset, ADAM_MINI_PRESETS)
         super().__init__(params, lr, betas, eps, weight_decay, plan=plan, preset=preset, rules=rules,
                          no_decay=no_decay, maximize=maximize, backend=backend, exp_avg_dtype=exp_avg_dtype,
-                         exp_avg_block=exp_avg_block, stochastic_rounding=stochastic_rounding)
+                         exp_avg_block=exp_avg_block, stochastic_rounding=stochastic_rounding,
+                         **torch_options)

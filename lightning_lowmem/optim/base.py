@@ -4,6 +4,12 @@
 
 * accepts a model, ``model.named_parameters()``, plain parameters, or param-group dicts whose
   ``params`` are tensors or ``(name, tensor)`` pairs; frozen parameters of a model are left out;
+* names the plain tensors of a group added later (``add_param_group({"params": [tensors]})``, as
+  Lightning's ``BaseFinetuning`` does) from the model it was built on (:class:`ModelNamedGroups`);
+* survives ``copy.deepcopy``, ``pickle`` and ``torch.save``: attributes listed in
+  ``_PICKLED_ATTRIBUTES`` travel with ``Optimizer.__getstate__``'s defaults, state and groups, and
+  caches are rebuilt;
+* refuses torch's ``foreach``/``fused``/``capturable``/``differentiable`` with what it does instead;
 * refuses complex parameters at construction and sparse gradients at the step, with clear errors;
 * restores every state tensor to the dtype it was saved with: ``Optimizer.load_state_dict`` casts
   floating state to the parameter's dtype, which would silently turn fp32 second moments of a bf16
@@ -14,8 +20,9 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,11 +56,113 @@ def param_groups_from(params: ParamsLike) -> tuple[list[dict[str, Any]], bool]:
     return [{"params": params}], False
 
 
-class LowMemOptimizer(Optimizer):
-    """Base class: parameter forms, input checks and dtype-exact ``load_state_dict``."""
+#: What each of torch's implementation switches would ask for, and what this package does instead.
+TORCH_OPTIONS = {
+    "foreach": "the update already runs over all tensors of a group at once; pick the implementation with "
+    "backend='auto' (Triton on CUDA, the C kernel on CPU), 'triton', 'compile' or 'torch'",
+    "fused": "the fused kernels are chosen with backend='auto' (Triton on CUDA, the C kernel on CPU) or "
+    "backend='triton'",
+    "capturable": "steps read hyperparameters on the host, so they cannot be captured in a CUDA graph; "
+    "run optimizer.step() outside the graph",
+    "differentiable": "the step runs under torch.no_grad() and updates in place; for gradients through "
+    "the update use torch.optim.AdamW(differentiable=True)",
+}
+
+
+def check_torch_options(owner: str, options: dict[str, Any]) -> None:
+    """Refuse torch's implementation switches unless they ask for nothing (``None``/``False``).
+
+    Raises:
+        ValueError: for ``foreach``/``fused``/``capturable``/``differentiable`` set to a true value,
+            saying what the package does instead.
+        TypeError: for any other keyword, as Python does for an unknown argument.
+    """
+    for key, value in options.items():
+        if key not in TORCH_OPTIONS:
+            raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {key!r}")
+        if value not in (None, False):
+            raise ValueError(f"{owner} does not take {key}={value!r}: {TORCH_OPTIONS[key]}.")
+
+
+class ModelNamedGroups:
+    """Optimizer mixin: name the plain tensors of a group added to named groups, from a bound model.
+
+    torch refuses a group of plain tensors in an optimizer whose groups carry names
+    (``param_names``); Lightning's ``BaseFinetuning`` adds exactly such a group when it unfreezes
+    layers. Once :meth:`bind_model` has been called, ``add_param_group`` looks each tensor up in
+    ``model.named_parameters()`` (frozen ones included) and adds ``(name, tensor)`` pairs. The
+    model is held by a weak reference and is not carried by ``copy.deepcopy`` or ``pickle``.
+
+    Example::
+
+        >>> optimizer.bind_model(model)
+        >>> optimizer.add_param_group({"params": list(model.backbone.parameters()), "lr": 1e-5})
+        >>> optimizer.param_groups[-1]["param_names"][:1]
+        ['backbone.0.weight']
+    """
+
+    _model_ref: weakref.ref[nn.Module] | None = None
+
+    def bind_model(self, model: nn.Module) -> None:
+        """Name the plain tensors of groups added later from ``model``'s parameters."""
+        self._model_ref = weakref.ref(model)
+
+    @property
+    def bound_model(self) -> nn.Module | None:
+        """The model given to :meth:`bind_model` (or to the constructor), ``None`` if none or gone."""
+        return self._model_ref() if self._model_ref is not None else None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, naming plain tensors when the other groups are named.
+
+        Raises:
+            ValueError: if a plain tensor must be named but no model is bound, or the tensor is not
+                a parameter of the bound model.
+        """
+        super().add_param_group(self._named_group(param_group))  # type: ignore[misc]
+
+    def _named_group(self, param_group: dict[str, Any]) -> dict[str, Any]:
+        groups = getattr(self, "param_groups", [])
+        if not isinstance(param_group, dict) or not any("param_names" in g for g in groups):
+            return param_group
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if "param_names" in param_group or not params or all(isinstance(p, tuple) for p in params):
+            return param_group
+        owner = type(self).__name__
+        model = self.bound_model
+        if model is None:
+            raise ValueError(
+                f"This {owner}'s param groups are named, so a new group needs names too, and no model is bound "
+                "to look them up (a copied or unpickled optimizer has none). Pass (name, tensor) pairs: "
+                "add_param_group({'params': [(name, p), ...]}), or call bind_model(model) first."
+            )
+        names = {id(p): n for n, p in model.named_parameters()}
+        named = []
+        for i, p in enumerate(params):
+            if isinstance(p, tuple):
+                named.append(p)
+            elif id(p) in names:
+                named.append((names[id(p)], p))
+            else:
+                shape = list(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(
+                    f"Tensor {i} of the new param group ({shape}) is not a parameter of the {type(model).__name__} "
+                    f"this {owner} was built on, so it has no name. Add (name, tensor) pairs instead."
+                )
+        return {**param_group, "params": named}
+
+
+class LowMemOptimizer(ModelNamedGroups, Optimizer):
+    """Base class: parameter forms, input checks, picklable, dtype-exact ``load_state_dict``."""
+
+    #: Instance attributes, besides torch's defaults, state and groups, that a copy or pickle keeps.
+    _PICKLED_ATTRIBUTES: ClassVar[tuple[str, ...]] = ("backend",)
 
     def __init__(self, params: ParamsLike, defaults: dict[str, Any]) -> None:
         super().__init__(param_groups_from(params)[0], defaults)
+        if isinstance(params, nn.Module):
+            self.bind_model(params)
         for group in self.param_groups:
             for p in group["params"]:
                 if torch.is_complex(p):
@@ -90,6 +199,21 @@ class LowMemOptimizer(Optimizer):
                 "use nn.Embedding(sparse=False) or torch.optim.SparseAdam for that parameter."
             )
         return grad
+
+    # ---- copies and pickles --------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in self._PICKLED_ATTRIBUTES if key in self.__dict__})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a copy or pickle (the bound model is not carried), or the state ``load_state_dict`` sets."""
+        super().__setstate__(state)
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """Rebuild what ``__getstate__`` leaves out (caches keyed by tensors)."""
 
     # ---- state dict ----------------------------------------------------------------------------
 

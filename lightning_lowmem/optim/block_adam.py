@@ -6,9 +6,12 @@ r"""``BlockAdam``: AdamW whose second moment is shared within the blocks of a :c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -17,12 +20,13 @@ from torch import nn
 from lightning_lowmem.kernels import RowLayout, check_backend, state_dtype
 from lightning_lowmem.kernels.block_adam import block_mean_sq
 from lightning_lowmem.kernels.momentum_formats import DEFAULT_BLOCK, MomentumFormat, QuantizedMomentum
-from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, param_groups_from
+from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, check_torch_options, param_groups_from
 from lightning_lowmem.optim.functional import block_adam
 from lightning_lowmem.optim.momentum_state import SCALE_KEY, check_momentum_state, convert_momentum_, group_format, new_momentum
 from lightning_lowmem.optim.sharding import ParamSharding, all_reduce_block_means, to_local
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
+from lightning_lowmem.partition.build import compile_rules
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +65,28 @@ class BlockAdam(LowMemOptimizer):
         exp_avg_block: entries of one row per scale of ``"int8"``/``"int4"`` (even for int4).
         stochastic_rounding: write bf16 parameters with stochastic rounding, so that updates below
             half a bf16 step are kept on average.
+        **torch_options: ``torch.optim.AdamW``'s ``foreach``, ``fused``, ``capturable`` and
+            ``differentiable`` are accepted as ``None``/``False`` only; a true value raises a
+            ``ValueError`` that says what ``backend`` does instead.
+
+    Frozen parameters: a model leaves them out (Lightning's ``BaseFinetuning`` adds them with
+    ``add_param_group`` when it unfreezes them: they get blocks from the model then);
+    ``model.named_parameters()`` keeps them, with blocks from their names and shapes, so setting
+    ``requires_grad`` back to ``True`` later trains them. ``copy.deepcopy``, ``pickle`` and
+    ``torch.save`` keep the plan and the backend.
 
     Raises:
-        ValueError: for a hyperparameter out of range, a parameter without a name or missing from
-            the plan, or a plan built for other shapes.
+        ValueError: for a hyperparameter out of range, a torch implementation switch
+            (``fused=True``, ...), a parameter without a name or missing from the plan, or a plan
+            built for other shapes.
 
     Example::
 
         >>> opt = BlockAdam(model, lr=3e-4, preset="adam_mini")
         >>> print(opt.plan)
     """
+
+    _PICKLED_ATTRIBUTES = ("backend", "plan", "preset", "rules")
 
     def __init__(
         self,
@@ -89,35 +105,99 @@ class BlockAdam(LowMemOptimizer):
         exp_avg_dtype: str = "fp32",
         exp_avg_block: int = DEFAULT_BLOCK,
         stochastic_rounding: bool = False,
+        **torch_options: Any,
     ) -> None:
+        check_torch_options(type(self).__name__, torch_options)
         check_adam_hparams(lr, betas, eps, weight_decay)
         check_backend(backend)
         MomentumFormat.of(exp_avg_dtype, exp_avg_block)
         model = params if isinstance(params, nn.Module) else None
         groups, user_grouped = param_groups_from(params)
         named = _named_parameters_of(groups, type(self).__name__)
-        if plan is None:
-            plan = build_plan(model, preset, rules) if model is not None else build_plan_from_named_parameters(named, preset, rules)
+        if plan is None and model is not None:
+            plan = build_plan(model, preset, rules)
+        elif plan is None:  # names and shapes only; frozen tensors get blocks too, should they be unfrozen
+            plan = build_plan_from_named_parameters([(n, p if p.requires_grad else p.shape) for n, p in named], preset, rules)
         _check_plan_covers(plan, named)
+        self.plan = plan
+        self.preset, self.rules = preset, rules
+        self._plan_new(named)  # frozen parameters a given plan lacks: blocks by name (their roles decide decay)
         if not user_grouped:
-            groups = _decay_groups(named, plan, no_decay)
+            groups = _decay_groups(named, self.plan, no_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
                         exp_avg_dtype=exp_avg_dtype, exp_avg_block=exp_avg_block,
                         stochastic_rounding=bool(stochastic_rounding))
         super().__init__(groups, defaults)
-        self.plan = plan
+        if model is not None:
+            self.bind_model(model)
         self.backend = backend
         self._placements: dict[torch.Tensor, _Placement] = {}
 
+    def _reset_caches(self) -> None:
+        super()._reset_caches()
+        self._placements = {}
+
+    # ---- parameters added later ----------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group like ``torch.optim.Optimizer.add_param_group``; its parameters get blocks now.
+
+        ``params`` may be ``(name, tensor)`` pairs, or plain tensors of the model the optimizer was
+        built on (named from it, as Lightning's ``BaseFinetuning`` needs). New parameters get their
+        blocks from that model's structure when it is known, else from their names and shapes
+        (as :func:`~lightning_lowmem.partition.build_plan_from_named_parameters`).
+
+        Raises:
+            ValueError: for a tensor without a name, or a parameter whose blocks cannot be built.
+        """
+        param_group = self._named_group(param_group)
+        if isinstance(param_group, dict) and hasattr(self, "plan"):
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+            named = _named_parameters_of([{"params": params}], type(self).__name__)
+            self._plan_new(named)
+            _check_plan_covers(self.plan, named)
+            param_group = {**param_group, "params": params}
+        super().add_param_group(param_group)
+
+    def _plan_new(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Extend :attr:`plan` with entries for the parameters of ``named`` it lacks."""
+        missing = [(n, p) for n, p in named if n not in self.plan]
+        if not missing:
+            return
+        found: list[ParamBlocks] = []
+        model = self.bound_model
+        if model is not None:
+            with warnings.catch_warnings(), _trainable(p for _, p in missing):
+                warnings.simplefilter("ignore", UserWarning)  # the model's fallbacks were reported when first planned
+                structural = build_plan(model, self.preset, _rules_for(self.rules, [n for n, _ in missing]))
+            found = [structural[n] for n, _ in missing if n in structural]
+        rest = [(n, p.shape) for n, p in missing if all(e.name != n and n not in e.aliases for e in found)]
+        if rest:
+            by_name = build_plan_from_named_parameters(rest, self.preset, _rules_for(self.rules, [n for n, _ in rest]))
+            found += [by_name[n] for n, _ in rest]
+        self.plan = BlockPlan([*self.plan.values(), *found], preset=self.plan.preset)
+        log.info("Blocks for parameters added to %s: %s", type(self).__name__, [e.name for e in found])
+    def state_segments(self) -> dict[torch.Tensor, list[tuple[str, int, int]]]:
+        """``param -> [(kind, parameters, v entries), ...]``: its ``v`` in order, as runs of one kind
+        (:meth:`~lightning_lowmem.partition.ParamBlocks.kind_runs`)."""
+        return {p: self.plan[name].kind_runs() for name, p, _ in self.named_params()}
+
+    def summary(self) -> str:
+        """The block plan as a table (:meth:`BlockPlan.summary`)."""
+        return self.plan.summary()
+
     # ---- state ---------------------------------------------------------------------------------
 
-    def _entry(self, name: str) -> ParamBlocks:
+    def _entry(self, name: str, param: torch.Tensor) -> ParamBlocks:
+        if name not in self.plan:  # a group assigned without add_param_group (BaseFinetuning on resume)
+            self._plan_new([(name, param)])
         return self.plan[name]
 
     def _placement(self, name: str, param: torch.Tensor) -> _Placement:
         placement = self._placements.get(param)
         if placement is None:
-            entry = self._entry(name)
+            entry = self._entry(name, param)
             if _split_banks(entry):
                 # dim 0 indexes banks (experts) and no block spans two: FSDP2 keeps whole banks on a
                 # rank and their state with them, and each bank is updated as a 2-D matrix
@@ -136,10 +216,10 @@ class BlockAdam(LowMemOptimizer):
 
     def _momentum_format(self, name: str, param: torch.Tensor, group: dict[str, Any]) -> MomentumFormat | None:
         """The stored format of ``param``'s momentum, ``None`` for a tensor in the parameter's dtype."""
-        return group_format(group, param, banked=_split_banks(self._entry(name)))
+        return group_format(group, param, banked=_split_banks(self._entry(name, param)))
 
     def _init_state(self, name: str, param: torch.Tensor, placement: _Placement, group: dict[str, Any]) -> dict[str, Any]:
-        entry, state = self._entry(name), self.state[param]
+        entry, state = self._entry(name, param), self.state[param]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state.update(new_momentum(param, self._momentum_format(name, param, group)))
         if placement.layout.elementwise:
@@ -179,7 +259,7 @@ class BlockAdam(LowMemOptimizer):
                 f"{owner} keeps {sorted(keys)}. The checkpoint was written by another optimizer; "
                 "resume with that optimizer, or load only the model weights."
             )
-        entry = self._entry(name)
+        entry = self._entry(name, param)
         expected = {"exp_avg_sq": entry.state_shape(), **check_momentum_state(name, param, fmt, state)}
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
@@ -336,26 +416,69 @@ def _named_parameters_of(groups: list[dict[str, Any]], owner: str) -> list[tuple
             if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
                 raise ValueError(
                     f"{owner} needs parameter names to find each parameter's block: pass the model, "
-                    "model.named_parameters(), or groups like {'params': [(name, tensor), ...]}."
+                    "model.named_parameters(), or groups like {'params': [(name, tensor), ...]}. With LightningCLI, "
+                    "whose --optimizer passes model.parameters(), inject the optimizer into the model instead: an "
+                    "OptimizerCallable argument set as self.lowmem_optimizer of LowMemOptimizerMixin (see docs/quickstart.md)."
                 )
             named.append(item)
     return named
 
 
+@contextlib.contextmanager
+def _trainable(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Mark ``params`` trainable while the block partitioner (which plans trainable parameters only) runs."""
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _rules_for(rules: Any, names: list[str]) -> list[tuple[re.Pattern[str], Any]] | None:
+    """The user's rules that match one of ``names`` (a plan of a few parameters must not see the others' rules)."""
+    if rules is None:
+        return None
+    return [(rule.regex, rule.spec) for rule in compile_rules(rules) if any(rule.regex.search(n) for n in names)]
+
+
 def _check_plan_covers(plan: BlockPlan, named: list[tuple[str, torch.Tensor]]) -> None:
-    missing = [n for n, _ in named if n not in plan]
+    """Raise unless every trainable parameter of ``named`` has a plan entry of its shape (frozen ones get theirs
+    when they first have a gradient)."""
+    missing = [n for n, p in named if n not in plan and p.requires_grad]
     if missing:
         raise ValueError(
-            f"The block plan has no entry for {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-            "build it from the same model (build_plan(model)) or add rules for these parameters."
+            f"The block plan has no entry for the trainable parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}: "
+            "it was built from another model, or while they were frozen. Build it from this model once they are "
+            "trainable (build_plan(model)), leave out plan= to let the optimizer build it, or add rules for them."
         )
-    wrong = [(n, list(p.shape), list(plan[n].shape)) for n, p in named if tuple(p.shape) != plan[n].shape]
+    wrong = [(n, list(p.shape), list(plan[n].shape)) for n, p in named if n in plan and tuple(p.shape) != plan[n].shape]
     if wrong:
         name, got, planned = wrong[0]
         raise ValueError(
             f"The block plan was built for other shapes: {name!r} is {got} but the plan says {planned}; "
             "rebuild the plan from this model."
         )
+
+
+def model_decay_groups(model: nn.Module, no_decay: Sequence[str] = NO_DECAY_ROLES) -> list[dict[str, Any]]:
+    """The decayed / not-decayed param groups of ``model``'s trainable parameters, by their roles.
+
+    These are the groups :class:`BlockAdam` builds (roles come from the model's structure and do not
+    depend on the preset), with ``(name, parameter)`` pairs so a state dict is named.
+
+    Example::
+
+        >>> [len(g["params"]) for g in model_decay_groups(model, ("bias", "norm"))]
+        [4, 6]
+    """
+    with warnings.catch_warnings():  # the plan's block fallbacks are irrelevant here: only roles are read
+        warnings.simplefilter("ignore", UserWarning)
+        plan = build_plan(model, "adam_mini")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return _decay_groups(named, plan, no_decay)
 
 
 def _decay_groups(

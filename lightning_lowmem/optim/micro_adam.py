@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_lowmem.kernels import RowLayout, check_backend, state_dtype
-from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike
+from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, check_torch_options
 from lightning_lowmem.optim.functional import block_adam
 from lightning_lowmem.optim.hparams import check_adam_hparams
 from lightning_lowmem.kernels.micro_adam_layout import (
@@ -114,10 +114,14 @@ class MicroAdam(LowMemOptimizer):
             supported, else eager), ``"torch"``, ``"compile"``, ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1``) or ``"native"`` (the C kernel for the dense fp32 CPU tensors, the
             compressed ones compiled); see :func:`lightning_lowmem.kernels.resolve`.
+        **torch_options: ``torch.optim.AdamW``'s ``foreach``, ``fused``, ``capturable`` and
+            ``differentiable`` are accepted as ``None``/``False`` only; a true value raises a
+            ``ValueError`` that says what ``backend`` does instead.
 
     Raises:
-        ValueError: for a hyperparameter out of range, naming it, or a DTensor parameter that is
-            not sharded on dim 0 of a 1-D mesh (or replicated).
+        ValueError: for a hyperparameter out of range, naming it, a torch implementation switch
+            (``fused=True``, ...), or a DTensor parameter that is not sharded on dim 0 of a 1-D mesh
+            (or replicated).
 
     Example::
 
@@ -141,7 +145,9 @@ class MicroAdam(LowMemOptimizer):
         min_compressed_numel: int | None = None,
         maximize: bool = False,
         backend: str = "auto",
+        **torch_options: Any,
     ) -> None:
+        check_torch_options(type(self).__name__, torch_options)
         check_adam_hparams(lr, betas, eps, weight_decay)
         check_micro_adam_hparams(window, density, block_size, quant_bucket)
         _check_error_feedback(error_feedback)
@@ -209,6 +215,13 @@ class MicroAdam(LowMemOptimizer):
             layout = self.layout_of(param, group)
             return layout.state_bytes(group["window"], group["error_feedback"]) + step_bytes
         return param.numel() * (param.element_size() + torch.empty(0, dtype=state_dtype(param)).element_size()) + step_bytes
+
+    def state_segments(self) -> dict[torch.Tensor, list[tuple[str, int, int]]]:
+        """``param -> [(kind, parameters, v entries)]``: ``compressed`` (no ``v``), or ``full`` (AdamW's state)."""
+        return {
+            p: [("compressed", p.numel(), 0)] if self.is_compressed(p, group) else [("full", p.numel(), p.numel())]
+            for _, p, group in self.named_params()
+        }
 
     def summary(self) -> str:
         """A table: each parameter, its size, its state kind and blocks per row, its state bytes per element."""

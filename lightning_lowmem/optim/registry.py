@@ -16,20 +16,19 @@ baseline for an ``adam_mini`` or ``eve`` run of the same config.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
-import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from lightning_lowmem.config import OptimConfig
 from lightning_lowmem.optim.adam_mini import AdamMini
-from lightning_lowmem.optim.block_adam import _decay_groups
+from lightning_lowmem.optim.adamw import NamedAdamW
+from lightning_lowmem.optim.block_adam import model_decay_groups
 from lightning_lowmem.optim.eve import Eve
 from lightning_lowmem.optim.micro_adam import MicroAdam
 from lightning_lowmem.optim.names import OPTIMIZERS, available_optimizers, register_optimizer
-from lightning_lowmem.partition import BlockPlan, build_plan
+from lightning_lowmem.partition import BlockPlan
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +81,7 @@ def decay_groups(model: nn.Module, no_decay: tuple[str, ...]) -> list[dict[str, 
     Returns:
         One group of decayed parameters and one with ``weight_decay=0.0`` (an empty one is left out).
     """
-    with warnings.catch_warnings():
-        # The plan's block fallbacks are irrelevant here: only the roles are read.
-        warnings.simplefilter("ignore", UserWarning)
-        plan = build_plan(model, "adam_mini")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return _decay_groups(named, plan, no_decay)
+    return model_decay_groups(model, no_decay)
 
 
 def _block_adam_kwargs(cfg: OptimConfig) -> dict[str, Any]:
@@ -98,11 +92,12 @@ def _block_adam_kwargs(cfg: OptimConfig) -> dict[str, Any]:
 
 @register_optimizer("adamw")
 def _adamw(model: nn.Module, cfg: OptimConfig) -> Optimizer:
-    """``torch.optim.AdamW`` with the block optimizers' weight-decay groups (``rules``/``backend`` unused)."""
+    """``torch.optim.AdamW`` with the block optimizers' weight-decay groups (``rules``/``backend`` unused),
+    naming the plain tensors of groups added later from ``model``."""
     if cfg.rules:
         log.warning("adamw has no blocks: the rules %s are ignored.", cfg.rules)
-    return torch.optim.AdamW(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    return NamedAdamW(model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      no_decay=cfg.no_decay)
 
 
 @register_optimizer("adam_mini")
@@ -128,5 +123,7 @@ def _micro_adam(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     """``MicroAdam``: a window of 1%-sparse gradients plus 4-bit error feedback (about 1 byte/param)."""
     if cfg.rules:
         log.warning("micro_adam has no blocks: the rules %s are ignored.", cfg.rules)
-    return MicroAdam(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                     weight_decay=cfg.weight_decay, backend=cfg.backend)
+    optimizer = MicroAdam(decay_groups(model, cfg.no_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                          weight_decay=cfg.weight_decay, backend=cfg.backend)
+    optimizer.bind_model(model)  # BaseFinetuning's plain groups get names from it
+    return optimizer

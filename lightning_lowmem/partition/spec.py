@@ -278,6 +278,24 @@ class ParamBlocks:
             raise ValueError(f"{self.name}: a 'full' parameter has no row groups.")
         return self._bank_blocks()[2] * self.banks
 
+    def kind_runs(self) -> list[tuple[str, int, int]]:
+        """``v`` in its order as runs of one kind: ``[(kind, parameters, v entries), ...]``.
+
+        A ``full`` parameter is one run; GPT-2's ``c_attn`` (Q and K by head, V by row) is
+        ``[("head", 2 * rows * cols / 3, 2 * heads), ("row", rows * cols / 3, rows / 3)]``; an
+        interleaved layout alternates its runs head by head, and a bank repeats its runs per bank.
+        """
+        if self.kind != "mixed":
+            return [(self.kind, self.numel, self.state_numel)]
+        runs: list[tuple[str, int, int]] = []
+        for kind, rows in zip(self.block_kinds(), self.group_sizes()):
+            if runs and runs[-1][0] == kind:
+                _, numel, entries = runs[-1]
+                runs[-1] = (kind, numel + rows * self.cols, entries + 1)
+            else:
+                runs.append((kind, rows * self.cols, 1))
+        return runs
+
     def group_sizes(self) -> list[int]:
         """Rows in each second-moment group, in block order (not defined for ``full``)."""
         if self.is_full:

@@ -10,18 +10,26 @@ the user shards the model in ``configure_model``. This subclass adds, for data p
   checkpointing options;
 * a check, at save time, that the optimizer state can be checkpointed and resharded (see
   :mod:`lightning_lowmem.strategies.checkpoint`);
+* checkpoints that appear under their name only when complete, with checksums checked at load time
+  and a clear error for a checkpoint of another model or optimizer (see
+  :mod:`~lightning_lowmem.strategies.atomic`, :mod:`~lightning_lowmem.strategies.integrity` and
+  :mod:`~lightning_lowmem.strategies.compatibility`);
+* a non-finite loss stopped before the optimizer step, on every rank (see
+  :mod:`~lightning_lowmem.strategies.loss_guard`);
 * clear errors for FSDP1 modules, 0-dim parameters and precision settings FSDP2 cannot run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+import torch.distributed as dist
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.core.optimizer import LightningOptimizer
@@ -32,7 +40,25 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.optim import Optimizer
 
+from lightning_lowmem.strategies.atomic import clean_leftovers, discard, fsync, partial_path, reached
 from lightning_lowmem.strategies.checkpoint import check_optimizer_state, parameter_names
+from lightning_lowmem.strategies.compatibility import (
+    OPTIMIZER_CLASSES_KEY,
+    check_resumable,
+    optimizer_classes,
+    shapes_of_directory,
+    shapes_of_file,
+    shapes_of_run,
+)
+from lightning_lowmem.strategies.integrity import (
+    LIGHTNING_METADATA,
+    MARKER_NAME,
+    checkpoint_error,
+    checkpoint_problems,
+    file_entries,
+)
+from lightning_lowmem.strategies.loss_guard import LossGuard
+from lightning_lowmem.strategies.saving import finish_directory, is_checkpoint_directory, prepare, write_file, written_by
 from lightning_lowmem.strategies.sharding import (
     apply_activation_checkpointing,
     auto_shard,
@@ -43,6 +69,7 @@ from lightning_lowmem.strategies.sharding import (
     register_forward_methods,
     reshard,
 )
+from lightning_lowmem.strategies.timeout import collective_timeout
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -94,14 +121,19 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: ``True``: a checkpoint is a directory of per-rank shards
             (``torch.distributed.checkpoint``), resumable on any number of processes. ``False``:
             one file with the full state gathered on rank 0, in the format of a plain Trainer's
-            checkpoint (loadable without this strategy).
+            checkpoint (loadable without this strategy). Either way a checkpoint is written under a
+            temporary name beside its path and renamed when complete, and checked when loaded.
         process_group_backend: ``"nccl"``, ``"gloo"``, ... (default: from the device).
-        timeout: timeout of the collectives.
+        timeout: timeout of the collectives (a ``timedelta`` or seconds); ``None``: the environment
+            variable ``LOWMEM_FSDP_TIMEOUT`` (seconds) if set, else 30 minutes.
+        nonfinite_loss: what happens before an optimizer step when a loss since the last step was NaN
+            or infinite on some rank: ``"raise"`` a ``NonFiniteLossError``, ``"skip"`` the step with a
+            warning, or ``"ignore"`` (no check). Decided the same way on every rank.
 
     Raises:
         TypeError: for a ``mixed_precision`` that is not a ``MixedPrecisionPolicy``, or
             ``shard_modules``/``activation_checkpointing`` that are not module classes.
-        ValueError: for an invalid ``reshard_after_forward``.
+        ValueError: for an invalid ``reshard_after_forward``, ``timeout`` or ``nonfinite_loss``.
 
     Example::
 
@@ -126,15 +158,17 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
         reshard_after_forward: bool | int = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | float | None = None,
+        nonfinite_loss: str = "raise",
     ) -> None:
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
-            timeout=timeout,
+            timeout=collective_timeout(timeout),
         )
+        self.loss_guard = LossGuard(nonfinite_loss)
         if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecisionPolicy):
             raise TypeError(
                 "mixed_precision must be a torch.distributed.fsdp.MixedPrecisionPolicy or None, "
@@ -301,6 +335,140 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
         check_optimizer_state(inner, parameter_names(self.model))
         reshard(self.model)
         return super().optimizer_state(optimizer)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write the checkpoint under a temporary name beside ``filepath``, then rename it when complete.
+
+        A sharded checkpoint (directory) gets a completion marker, written last, with the size and
+        CRC32 of every file; every rank reports its files before the rename. A single file is
+        written by rank 0 and flushed to disk before the rename. A previous checkpoint at
+        ``filepath`` stays whole until the new one replaces it; what a killed save left beside it
+        is removed first.
+
+        Raises:
+            IsADirectoryError: if ``filepath`` is a directory that is not a checkpoint.
+            RuntimeError: on every rank, if writing failed on one of them (naming the rank and the error).
+        """
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint(..., storage_options=...) is not supported: it writes "
+                "local files itself, without a CheckpointIO."
+            )
+        path = Path(self.broadcast(str(filepath)))
+        if path.is_dir() and not is_checkpoint_directory(path):
+            raise IsADirectoryError(
+                f"Cannot save a checkpoint to {str(path)!r}: it is a directory that is not a checkpoint (no "
+                f"{MARKER_NAME} or {LIGHTNING_METADATA} in it). Give the path of the checkpoint itself, e.g. "
+                f"{str(path / 'last.ckpt')!r}."
+            )
+        checkpoint[OPTIMIZER_CLASSES_KEY] = optimizer_classes(self.optimizers)
+        error = None
+        if self.is_global_zero:
+            error = _attempt(lambda: prepare(path, directory=self._save_distributed_checkpoint))
+        self._agree(self.broadcast(error), path)
+        if self._save_distributed_checkpoint:
+            self._save_directory(checkpoint, path)
+        else:
+            self._save_file(checkpoint, path)
+
+    def _save_directory(self, checkpoint: dict[str, Any], path: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        partial = partial_path(path)
+        reached("started", path)
+        shards = {"state_dict": checkpoint.pop("state_dict")}
+        shards.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
+        dcp.save(shards, checkpoint_id=partial)
+        entries: dict[str, Any] = {}
+
+        def write_and_sum() -> None:
+            if self.is_global_zero:
+                torch.save(checkpoint, partial / LIGHTNING_METADATA)
+                fsync(partial / LIGHTNING_METADATA)
+            entries.update(file_entries(partial, written_by(partial, self.global_rank)))
+
+        error = _attempt(write_and_sum)
+        reached("written", path)
+        reports: list[Any] = [None] * self.world_size
+        dist.all_gather_object(reports, (self.global_rank, error, entries))
+        errors = [f"rank {rank}: {err}" for rank, err, _ in reports if err]
+        self._agree("; ".join(errors) or None, path)
+        if self.is_global_zero:
+            files = {name: entry for _, _, rank_entries in reports for name, entry in rank_entries.items()}
+            error = _attempt(lambda: finish_directory(partial, path, files))
+        self._agree(self.broadcast(error), path)
+
+    def _save_file(self, checkpoint: dict[str, Any], path: Path) -> None:
+        error = None
+        if self.is_global_zero:
+            error = _attempt(lambda: write_file(checkpoint, path))
+        self._agree(self.broadcast(error), path)
+
+    def _agree(self, error: str | None, path: Path) -> None:
+        """Raise on every rank if ``error`` (the same on all ranks) says the save failed."""
+        if error is None:
+            return
+        if self.is_global_zero:
+            _attempt(lambda: clean_leftovers(path))
+        raise RuntimeError(f"Saving the checkpoint {str(path)!r} failed: {error}. The previous one, if any, is unchanged.")
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Delete a checkpoint (rank 0): renamed aside first, so an interrupted deletion leaves no half checkpoint."""
+        if self.is_global_zero:
+            discard(Path(filepath))
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Check the checkpoint (complete, intact, fits the model and optimizers), then load it.
+
+        Raises:
+            CheckpointError: on every rank, naming the path and what is missing, damaged or different.
+        """
+        path = Path(self.broadcast(str(checkpoint_path)))
+        problems: list[Any] = [None] * self.world_size
+        dist.all_gather_object(problems, checkpoint_problems(path, self.global_rank, self.world_size))
+        found = [p for rank_problems in problems for p in rank_problems]
+        if found:
+            raise checkpoint_error(path, list(dict.fromkeys(found)))
+        assert self.model is not None
+        run = shapes_of_run(self.model, self.optimizers)
+        if path.is_dir():
+            saved = shapes_of_directory(path, list(run.weights))
+        else:
+            saved = shapes_of_file(torch.load(path, map_location="cpu", mmap=True, weights_only=False), self.model)
+        check_resumable(path, saved, run)
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+    # ---- non-finite loss -----------------------------------------------------------------------
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)
+        self.loss_guard.record(output)
+        return output
+
+    def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        """The optimizer step, not taken (an error, or a skip) if a loss since the last one was not finite."""
+        if not self.loss_guard.enabled:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+        def guarded() -> Any:
+            result = closure()
+            params = [p for group in inner.param_groups for p in group["params"]]
+            step = self.lightning_module.trainer.global_step if self.lightning_module is not None else -1
+            self.loss_guard.check(params, step, lambda bad: self.reduce_boolean_decision(bad, all=False))
+            return result
+
+        return super().optimizer_step(optimizer, guarded, model, **kwargs)
+
+
+def _attempt(fn: Callable[[], None]) -> str | None:
+    """Run ``fn``; its error as text (for the other ranks), or ``None``."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - reported to every rank, then raised on every rank
+        log.exception("Checkpoint step failed")
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _user_class(module: nn.Module) -> type:

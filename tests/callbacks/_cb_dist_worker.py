@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the launcher's helpers
+from _launch import end_worker  # noqa: E402
 from _cb_helpers import TinyGPT, UpdateProbe, markov_tokens, trainer  # noqa: E402
 
 from lightning_lowmem.callbacks import (  # noqa: E402
@@ -116,4 +119,9 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    try:
+        main(Path(sys.argv[1]))
+    except BaseException:
+        traceback.print_exc()
+        end_worker(1)  # do not wait on a peer that may be stuck in a collective
+    end_worker(0)  # a barrier, then no teardown of gloo to race with the peer's (see tests/_launch.py)

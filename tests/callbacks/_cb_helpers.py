@@ -135,8 +135,18 @@ class Events:
     """The scalars, texts and histograms of a TensorBoard log directory, read back with tensorboard's reader."""
 
     def __init__(self, logdir: str | Path) -> None:
+        self.logdir = Path(logdir)
         self.acc = EventAccumulator(str(logdir), size_guidance={SCALARS: 0, TENSORS: 0, HISTOGRAMS: 0})
         self.acc.Reload()
+
+    def series(self, tag: str) -> dict[str, dict[int, float]]:
+        """``series -> step -> value`` of a quantity logged with one run per series (``SummaryWriter.add_scalars``)."""
+        prefix = tag.replace("/", "_") + "_"
+        out = {}
+        for run in sorted(self.logdir.iterdir()):
+            if run.is_dir() and run.name.startswith(prefix):
+                out[run.name[len(prefix):]] = Events(run).scalars(tag)
+        return out
 
     def tags(self, kind: str = "scalars") -> list[str]:
         return sorted(self.acc.Tags()[kind])

@@ -12,11 +12,9 @@ import torch
 from _cb_helpers import Events, TinyGPT, loader, trainer
 
 from lightning_lowmem.callbacks import LossSpikeMonitor, OptimizerDiagnostics, OptimizerStateMonitor, TrajectoryDistance
-from lightning_lowmem.callbacks._diagnostics import layer_group, quantile_names
-from lightning_lowmem.callbacks._kinds import segment_sizes
-from lightning_lowmem.optim.registry import plan_of
+from lightning_lowmem.callbacks.core import layer_group, quantile_names, state_segments
 
-LAST = 5  # diagnosed steps 0 and 5; step 5 is the last, so the final state is the one it logged
+LAST = 5  # the one diagnosed step (step 0 never is); step 5 is the last, so the final state is the one it logged
 
 
 class Probe(L.Callback):
@@ -36,22 +34,18 @@ class Probe(L.Callback):
             self.after = {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def expected_effective_lrs(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Effective learning rates per kind, straight from the state, with the plan's segments."""
-    plan = plan_of(optimizer)
-    entries = {p: plan[name] for name, p, _ in optimizer.named_params()} if plan is not None else {}
+def expected_log10_relative_lrs(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """log10(effective lr / lr) per kind, straight from the state, split by the optimizer's segments."""
+    segments = state_segments(optimizer)
     out: dict[str, list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         beta2, lr, eps = group["betas"][1], group["lr"], group["eps"]
         for p in group["params"]:
             state = optimizer.state[p]
             eff = lr / ((state["exp_avg_sq"].double() / (1 - beta2 ** state["step"].item())).sqrt() + eps)
-            entry = entries.get(p)
-            if entry is None or entry.is_full:
-                out.setdefault("full", []).append(eff.reshape(-1))
-                continue
-            for kind, part in zip([k for k, _ in segment_sizes(entry)], eff.split([n for _, n in segment_sizes(entry)])):
-                out.setdefault(kind, []).append(part)
+            parts = eff.reshape(-1).split([s.entries for s in segments[p]])
+            for seg, part in zip(segments[p], parts, strict=True):
+                out.setdefault(seg.kind, []).append((part / lr).log10())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -64,14 +58,14 @@ def test_values_match_the_optimizer_state(tmp_path: Path, name: str) -> None:
     t.fit(TinyGPT(name), loader())
     events = Events(tmp_path / "run" / "version_0")
 
-    expected = expected_effective_lrs(t.optimizers[0])
+    expected = expected_log10_relative_lrs(t.optimizers[0])
     assert set(expected) == ({"full"} if name == "adamw" else {"full", "row", "head", "tensor"})
     for kind, values in expected.items():
         for q, tag in zip((0.01, 0.25, 0.5, 0.99), ("p01", "p25", "p50", "p99")):
-            logged = events.scalars(f"lowmem/diagnostics/effective_lr/{kind}/{tag}")
-            assert sorted(logged) == [0, LAST]
+            logged = events.scalars(f"lowmem/diagnostics/log10_relative_lr/{kind}/{tag}")
+            assert sorted(logged) == [LAST]
             assert logged[LAST] == pytest.approx(torch.quantile(values, q).item(), rel=1e-5), (kind, tag)
-        histogram = events.histogram(f"lowmem/diagnostics/effective_lr/{kind}")[LAST]
+        histogram = events.histogram(f"lowmem/diagnostics/log10_relative_lr/{kind}")[LAST]
         assert histogram.num == values.numel()  # every block, once
         assert histogram.min == pytest.approx(values.min().item(), rel=1e-6)
         assert histogram.max == pytest.approx(values.max().item(), rel=1e-6)
@@ -88,18 +82,21 @@ def test_values_match_the_optimizer_state(tmp_path: Path, name: str) -> None:
         acc[0] += (probe.after[n] - w).double().square().sum().item()
         acc[1] += w.double().square().sum().item()
     assert set(groups) == {"model.transformer.wte", "model.transformer.wpe", "model.transformer.h.0", "model.transformer.ln_f"}
+    ratios = events.series("lowmem/diagnostics/update_ratio")
+    assert set(ratios) == set(groups)
     for group, (d, w) in groups.items():
-        logged = events.scalars(f"lowmem/diagnostics/update_ratio/{group}")[LAST]
-        assert logged == pytest.approx((d / w) ** 0.5, rel=1e-5), group
+        assert sorted(ratios[group]) == [LAST]
+        assert ratios[group][LAST] == pytest.approx((d / w) ** 0.5, rel=1e-5), group
 
 
 def test_sampling_bounds_the_cost(tmp_path: Path) -> None:
     L.seed_everything(0)
-    t = trainer(tmp_path, [OptimizerDiagnostics(every_n_steps=2, max_samples=16)], max_steps=3)
+    t = trainer(tmp_path, [OptimizerDiagnostics(every_n_steps=2, max_samples=16)], max_steps=4)
     t.fit(TinyGPT("adamw"), loader())
     events = Events(tmp_path / "run" / "version_0")
-    histogram = events.histogram("lowmem/diagnostics/effective_lr/full")
-    assert sorted(histogram) == [0, 2] and all(h.num == 16 for h in histogram.values())
+    histogram = events.histogram("lowmem/diagnostics/log10_relative_lr/full")
+    # every 2 steps from step 2, and the last update (index 3); never step 0
+    assert sorted(histogram) == [2, 3] and all(h.num == 16 for h in histogram.values())
 
 
 def test_micro_adam_has_no_effective_lr_for_compressed_parameters(tmp_path: Path) -> None:
@@ -107,7 +104,7 @@ def test_micro_adam_has_no_effective_lr_for_compressed_parameters(tmp_path: Path
     t = trainer(tmp_path, [OptimizerDiagnostics(every_n_steps=2)], max_steps=3)
     t.fit(TinyGPT("micro_adam"), loader())
     tags = Events(tmp_path / "run" / "version_0").tags()
-    kinds = {tag.split("/")[3] for tag in tags if tag.startswith("lowmem/diagnostics/effective_lr/")}
+    kinds = {tag.split("/")[3] for tag in tags if tag.startswith("lowmem/diagnostics/log10_relative_lr/")}
     assert kinds == {"full"}
     assert "lowmem/diagnostics/grad_norm" in tags
 
@@ -131,7 +128,10 @@ def test_one_layout_groups_every_lowmem_chart(tmp_path: Path) -> None:
         "lowmem: loss spikes",
         "lowmem: optimizer diagnostics",
     ]
-    scalars = set(events.tags())
+    series = {"lowmem/state/mb_by_kind", "lowmem/trajectory/shadow/rel_l2_by_kind", "lowmem/spikes/zscore",
+              "lowmem/diagnostics/update_ratio"}
+    assert all(events.series(tag) for tag in series)
+    scalars = set(events.tags()) | series
     lowmem = {tag for tag in scalars if tag.startswith("lowmem/")}
     covered = set()
     for category in layout.category:
@@ -142,7 +142,11 @@ def test_one_layout_groups_every_lowmem_chart(tmp_path: Path) -> None:
                     covered |= {series.value, series.lower, series.upper}
             else:
                 covered |= {tag for tag in lowmem for regex in chart.multiline.tag if re.search(regex, tag)}
+            # every chart has data: nothing spiked, so the charts of spikes' values are left out
+            assert any(re.search(regex, tag) for regex in chart.multiline.tag for tag in lowmem) or chart.HasField("margin")
     assert covered == lowmem  # every lowmem scalar is on some chart
+    charts = {chart.title for category in layout.category for chart in category.chart}
+    assert "loss at spikes" not in charts and "state MB by block kind" in charts
 
 
 def test_layer_groups_and_quantile_names() -> None:

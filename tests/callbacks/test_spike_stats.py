@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lightning_lowmem.callbacks._spike_stats import EmaStats, SpikeDetector
+from lightning_lowmem.callbacks.core.spike_stats import EmaStats, SpikeDetector
 
 
 def test_ema_stats_two_values_exact() -> None:

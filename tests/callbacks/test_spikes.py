@@ -82,7 +82,9 @@ def test_no_false_positive_over_a_normal_run(tmp_path: Path) -> None:
     events = Events(tmp_path / "run" / "version_0")
     assert set(events.scalars("lowmem/spikes/count").values()) == {0.0}
     assert "lowmem/spikes/events/text_summary" not in events.tags("tensors")
-    assert max(events.scalars("lowmem/spikes/zscore/loss").values()) < 6
+    zscores = events.series("lowmem/spikes/zscore")
+    assert set(zscores) == {"loss", "grad_norm"} and sorted(zscores["loss"]) == [50, 100, 150, 200, 250]  # not at step 0
+    assert max(zscores["loss"].values()) < 6
 
 
 @pytest.mark.parametrize("skip_nonfinite", [True, False])

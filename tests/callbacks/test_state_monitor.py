@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_lowmem.callbacks import OptimizerStateMonitor, measure_state_memory
-from lightning_lowmem.callbacks._state_memory import peak_memory_bytes
+from lightning_lowmem.callbacks.core.state_memory import peak_memory_bytes
 from lightning_lowmem.optim.registry import plan_of
 from lightning_lowmem.utils import optimizer_state_bytes
 
@@ -54,10 +54,13 @@ def test_block_kinds_follow_the_plan(name: str) -> None:
     module, optimizer = stepped_optimizer(name)
     memory = measure_state_memory(optimizer)
     plan = plan_of(optimizer)
-    expected: dict[str, int] = {}
-    for entry in plan.values():  # exp_avg (4 bytes/param), v (4 bytes/block), step (4 bytes)
-        expected[entry.kind] = expected.get(entry.kind, 0) + 4 * entry.numel + 4 * entry.state_numel + 4
-    assert memory.total_bytes_by_kind == expected
+    by_kind = plan.rows_by_kind()  # kind -> (blocks, params, v entries), fused projections by segment
+    assert memory.kinds == tuple(by_kind)  # the plan's kinds: no "mixed"
+    assert memory.params_by_kind == {kind: params for kind, (_, params, _) in by_kind.items()}
+    for kind, (_, params, entries) in by_kind.items():
+        # exp_avg (4 bytes/param) and v (4 bytes/block), plus each tensor's 4-byte step, split over its segments
+        tensors = sum(any(spec.kind == kind for spec, _ in entry.segments) for entry in plan.values())
+        assert 0 < memory.total_bytes_by_kind[kind] - 4 * (params + entries) <= 4 * tensors, kind
     assert memory.bytes_per_param < 4.5
 
 
@@ -83,23 +86,23 @@ def test_logged_values_read_back_from_tensorboard(tmp_path: Path) -> None:
     memory = measure_state_memory(t.optimizers[0])
     events = Events(tmp_path / "run" / "version_0")
 
-    total = events.scalars("lowmem/state/total_bytes")
-    assert sorted(total) == [1, 5, 10]  # after the first step, then every 5
-    assert set(total.values()) == {memory.total_bytes}
-    assert events.scalars("lowmem/state/rank_bytes")[10] == memory.total_bytes  # one rank holds it all
+    total = events.scalars("lowmem/state/total_mb")
+    assert sorted(total) == [1, 5, 10, 12]  # after the first step, every 5, and after the last
+    assert list(total.values()) == pytest.approx([memory.total_bytes / 1e6] * 4, rel=1e-6)
+    assert "lowmem/state/rank_mb" not in events.tags()  # one rank: the same as the total, not charted
+    by_kind = events.series("lowmem/state/mb_by_kind")
+    assert set(by_kind) == set(memory.kinds) == {"full", "row", "head", "tensor"}
     for kind in memory.kinds:
-        assert events.scalars(f"lowmem/state/total_bytes/{kind}")[10] == memory.total_bytes_by_kind[kind]
-    assert events.scalars("lowmem/state/bytes_per_param")[10] == pytest.approx(memory.bytes_per_param, rel=1e-6)
-    assert events.scalars("lowmem/state/adamw_bytes")[10] == 8 * memory.num_params
-    assert events.scalars("lowmem/state/saving_bytes")[10] == memory.saving_bytes
-    assert events.scalars("lowmem/state/saving_percent")[10] == pytest.approx(memory.saving_percent, rel=1e-6)
-    peak = events.scalars("lowmem/state/peak_memory_bytes")
-    assert 10e6 < peak[1] <= peak[10] <= peak_memory_bytes(torch.device("cpu"))  # process RSS on CPU
+        assert by_kind[kind][12] == pytest.approx(memory.total_bytes_by_kind[kind] / 1e6, rel=1e-6)
+    assert events.scalars("lowmem/state/bytes_per_param")[12] == pytest.approx(memory.bytes_per_param, rel=1e-6)
+    assert events.scalars("lowmem/state/saving_percent")[12] == pytest.approx(memory.saving_percent, rel=1e-6)
+    peak = events.scalars("lowmem/state/peak_memory_mb")
+    assert 10 < peak[1] <= peak[12] <= peak_memory_bytes(torch.device("cpu")) / 1e6 * (1 + 1e-6)  # RSS in MB (fp32 in the file)
 
     (step, text), = events.texts("lowmem/state/plan/text_summary").items()
     assert step == 1
-    assert "**AdamMini block plan**" in text and "Block plan (adam_mini)" in text
-    assert f"{memory.total_bytes:,}" in text and "fp32 AdamW" in text
+    assert "**AdamMini state layout**" in text and "Block plan (adam_mini)" in text
+    assert f"{memory.total_bytes / 1e6:.3f}" in text and "fp32 AdamW" in text and "mixed" not in text
     assert monitor.state_dict() == {"plan_logged": True}
 
 
@@ -109,7 +112,7 @@ def test_scalars_reach_other_loggers_too(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="write text to TensorBoard only; this Trainer's loggers are CSVLogger"):
         t.fit(TinyGPT("adamw"), loader())
     header = (Path(t.logger.log_dir) / "metrics.csv").read_text().splitlines()[0]
-    assert "lowmem/state/total_bytes" in header
+    assert "lowmem/state/total_mb" in header and "lowmem/state/mb_by_kind/full" in header
 
 
 def test_needs_a_logger(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from _cb_helpers import Events, TinyGPT, loader, tiny_config, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lowmem.callbacks import LossSpikeMonitor, TrajectoryDistance, weight_distance
-from lightning_lowmem.callbacks._distance import list_snapshots
+from lightning_lowmem.callbacks.core.distance import list_snapshots
 
 EVERY, STEPS = 4, 16
-KINDS_ADAM_MINI = {"full", "row", "tensor", "mixed"}  # c_attn is mixed (Q/K heads, V rows)
+KINDS_ADAM_MINI = {"full", "row", "tensor", "head+row"}  # c_attn: Q/K by head, V by row
 
 
 def fit(tmp_path: Path, name: str, module: TinyGPT, callbacks: list, num_sequences: int = 64, **kwargs) -> L.Trainer:
@@ -39,7 +39,10 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict[float, Path]:
 def distances(tmp_path: Path, name: str, mode: str) -> dict[str, dict[int, float]]:
     events = Events(tmp_path / name / "version_0")
     prefix = f"lowmem/trajectory/{mode}/"
-    return {tag[len(prefix):]: events.scalars(tag) for tag in events.tags() if tag.startswith(prefix)}
+    out = {tag[len(prefix):]: events.scalars(tag) for tag in events.tags() if tag.startswith(prefix)}
+    for kind, values in events.series(f"{prefix}rel_l2_by_kind").items():  # one run per kind
+        out[f"rel_l2/{kind}"] = values
+    return out
 
 
 def test_record_writes_a_snapshot_every_n_steps(recordings: dict[float, Path]) -> None:
@@ -52,7 +55,7 @@ def test_adamw_against_its_own_recording_is_exactly_zero(tmp_path: Path, recordi
     compare = TrajectoryDistance("compare", recordings[3e-3], every_n_steps=EVERY)
     fit(tmp_path, "adamw", TinyGPT("adamw"), [compare])
     logged = distances(tmp_path, "adamw", "compare")
-    assert set(logged) == {"l2", "rel_l2", "l2/full", "rel_l2/full"}
+    assert set(logged) == {"l2", "rel_l2", "rel_l2/full"}
     for tag, values in logged.items():
         assert values == {step: 0.0 for step in range(0, STEPS + 1, EVERY)}, tag
 
@@ -66,9 +69,11 @@ def test_adam_mini_distance_is_small_positive_and_grows(tmp_path: Path, recordin
     values = [l2[s] for s in range(EVERY, STEPS + 1, EVERY)]
     assert all(b > a > 0 for a, b in zip(values, values[1:]))
     assert 0 < rel[STEPS] < 0.2
-    kinds = {tag.split("/")[1] for tag in logged if tag.startswith("l2/")}
-    assert kinds == KINDS_ADAM_MINI
-    assert sum(logged[f"l2/{k}"][STEPS] ** 2 for k in kinds) == pytest.approx(l2[STEPS] ** 2, rel=1e-6)  # fp32 in the file
+    kinds = {tag.split("/")[1] for tag in logged if tag.startswith("rel_l2/")}
+    assert kinds == KINDS_ADAM_MINI == set(compare.last.by_kind)
+    assert sum(l2_kind**2 for l2_kind, _ in compare.last.by_kind.values()) == pytest.approx(compare.last.l2**2, rel=1e-9)
+    for kind in kinds:
+        assert logged[f"rel_l2/{kind}"][STEPS] == pytest.approx(compare.last.by_kind[kind][1], rel=1e-6)
     assert compare.last.l2 == pytest.approx(l2[STEPS], rel=1e-6)
 
 
@@ -89,7 +94,7 @@ def test_shadow_and_compare_agree(tmp_path: Path, recordings: dict[float, Path])
     for step in range(EVERY, STEPS + 1, EVERY):
         assert shadow["l2"][step] == pytest.approx(compare["l2"][step], rel=0.05), step
         assert shadow["rel_l2"][step] == pytest.approx(compare["rel_l2"][step], rel=0.05), step
-        assert shadow["l2/full"][step] < 1e-4 * compare["l2/full"][step]
+        assert shadow["rel_l2/full"][step] < 1e-4 * compare["rel_l2/full"][step]
 
 
 @pytest.mark.parametrize("action", ["skip", "lr_backoff"])

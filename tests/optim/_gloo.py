@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the launcher's helpers
+from _launch import end_worker  # noqa: E402
 
 
 def spawn(worker: Callable[[int, str, str], None], out_path: str, world: int) -> None:
@@ -35,9 +40,8 @@ def collectives_in(step: Callable[[], Any]) -> int:
 
 
 def finish(rank: int, out: str, results: dict[str, Any]) -> None:
-    """Rank 0 writes ``results``; every rank then leaves the process group."""
+    """Rank 0 writes ``results``; every rank then ends its process (see ``tests/_launch.py``'s ``end_worker``)."""
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_worker(0)

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lightning_lowmem import AdamMini, Eve, MicroAdam, OptimConfig
+from lightning_lowmem.optim.adamw import NamedAdamW
 from lightning_lowmem.optim.registry import (
     OPTIMIZERS,
     available_optimizers,
@@ -82,7 +83,7 @@ def test_builtin_names():
 
 @pytest.mark.parametrize(
     ("name", "cls", "preset"),
-    [("adamw", torch.optim.AdamW, None), ("adam_mini", AdamMini, "adam_mini"),
+    [("adamw", NamedAdamW, None), ("adam_mini", AdamMini, "adam_mini"),
      ("adam_mini_paper", AdamMini, "adam_mini_paper"), ("eve", Eve, "eve"), ("micro_adam", MicroAdam, None)],
 )
 def test_create_optimizer_builds_the_named_optimizer_with_the_config(name, cls, preset):

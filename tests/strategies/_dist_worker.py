@@ -35,6 +35,9 @@ from torch.distributed.tensor import DTensor, Partial
 
 from lightning_lowmem.strategies import LowMemFSDPStrategy, total_grad_norm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the launcher's helpers
+from _launch import end_worker  # noqa: E402
+
 OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam")
 #: Optimizers whose runs are also checkpointed and resumed (2 -> 2 and 2 -> 1 processes, both formats).
 RESUMED = ("adamw", "adam_mini", "micro_adam")
@@ -449,11 +452,8 @@ def main() -> None:
         run_dist(out, optimizers) if mode == "dist" else run_single(out, optimizers)
     except BaseException:
         traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # do not wait on a peer that may be stuck in a collective
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # neither rank tears gloo down while the other still talks to it
-        torch.distributed.destroy_process_group()
+        end_worker(1)  # do not wait on a peer that may be stuck in a collective
+    end_worker(0)  # a barrier, then no teardown of gloo to race with the peer's (see tests/_launch.py)
 
 
 if __name__ == "__main__":

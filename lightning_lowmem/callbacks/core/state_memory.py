@@ -6,6 +6,12 @@ with a ``Shard`` placement) counts on every rank, and a replicated one (a ``Repl
 a ``step`` counter, any tensor of a DDP run) counts once: the total is the state's logical size,
 what one device would hold, whatever the number of ranks.
 
+Bytes and parameters are counted by block kind as the optimizer describes its state
+(:func:`~lightning_lowmem.callbacks.core.kinds.state_segments`): a fused parameter whose segments
+differ (GPT-2's ``c_attn``: Q and K by ``head``, V by ``row``) is split over its segments, each
+state tensor by the segments' ``v`` entries if it has one value per entry, else by their
+parameters, so the counts per kind are those of the block plan's table.
+
 Example::
 
     >>> memory = measure_state_memory(optimizer)
@@ -17,16 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_lowmem.callbacks._kinds import kinds_present, param_kinds
-from lightning_lowmem.callbacks._reduce import gather_over_group, is_sharded
+from lightning_lowmem.callbacks.core.kinds import Segment, kinds_present, state_segments
+from lightning_lowmem.callbacks.core.reduce import gather_over_group, is_sharded
 from lightning_lowmem.partition import ADAMW_STATE_BYTES_PER_PARAM
 from lightning_lowmem.utils import state_tensors, tensors_bytes
+
+#: Bytes in an MB, as the charts and tables give them.
+MB = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +50,8 @@ class StateMemory:
         num_params: parameters updated (global shapes, a tied weight once).
         params_by_kind: ``kind -> parameters``.
         peak_memory: each rank's peak device memory (CUDA allocator; process RSS on CPU).
+
+    ``*_mb`` properties give the same figures in MB (1e6 bytes), as the charts show them.
     """
 
     kinds: tuple[str, ...]
@@ -71,31 +81,50 @@ class StateMemory:
     def saving_percent(self) -> float:
         return 100.0 * self.saving_bytes / self.adamw_bytes if self.adamw_bytes else 0.0
 
+    @property
+    def total_mb(self) -> float:
+        """``total_bytes`` in MB."""
+        return self.total_bytes / MB
+
+    @property
+    def adamw_mb(self) -> float:
+        """``adamw_bytes`` in MB."""
+        return self.adamw_bytes / MB
+
+    @property
+    def saving_mb(self) -> float:
+        """``saving_bytes`` in MB."""
+        return self.saving_bytes / MB
+
     def table(self) -> str:
-        """Per kind: parameters, logical state bytes, bytes per parameter; then the total against AdamW."""
-        header = ("kind", "params", "state bytes", "bytes/param")
+        """Per kind: parameters, measured state MB, bytes per parameter; then the total against fp32 AdamW.
+
+        The kinds and parameter counts are those of the block plan's table; the state is measured
+        (so it includes what a plan does not count, such as each parameter's ``step``).
+        """
+        header = ("kind", "params", "state MB", "bytes/param")
         rows = [
-            (k, f"{self.params_by_kind[k]:,}", f"{self.total_bytes_by_kind[k]:,}",
+            (k, f"{self.params_by_kind[k]:,}", f"{self.total_bytes_by_kind[k] / MB:.3f}",
              f"{self.total_bytes_by_kind[k] / self.params_by_kind[k]:.3f}" if self.params_by_kind[k] else "-")
             for k in self.kinds
         ]
-        rows.append(("total", f"{self.num_params:,}", f"{self.total_bytes:,}", f"{self.bytes_per_param:.3f}"))
+        rows.append(("total", f"{self.num_params:,}", f"{self.total_mb:.3f}", f"{self.bytes_per_param:.3f}"))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(
-            f"fp32 AdamW {self.adamw_bytes:,} bytes ({ADAMW_STATE_BYTES_PER_PARAM:.2f}/param): "
-            f"saving {self.saving_bytes:,} bytes ({self.saving_percent:.1f}%)"
+            f"fp32 AdamW {self.adamw_mb:.3f} MB ({ADAMW_STATE_BYTES_PER_PARAM:.2f} bytes/param): "
+            f"saving {self.saving_mb:.3f} MB ({self.saving_percent:.1f}%)"
         )
         if len(self.rank_bytes) > 1:
-            lines.append("per rank: " + ", ".join(f"{b:,}" for b in self.rank_bytes) + " bytes")
+            lines.append("per rank: " + ", ".join(f"{b / MB:.3f}" for b in self.rank_bytes) + " MB")
         return "\n".join(lines)
 
 
 def measure_state_memory(
     optimizers: Optimizer | Iterable[Optimizer],
     peak_memory: int = 0,
-    kinds: Mapping[torch.Tensor, str] | None = None,
+    segments: Mapping[torch.Tensor, Sequence[Segment]] | None = None,
 ) -> StateMemory:
     """Measure the state of ``optimizers`` on every rank.
 
@@ -106,15 +135,17 @@ def measure_state_memory(
         optimizers: one optimizer or several (their state is added).
         peak_memory: this rank's peak device memory, gathered with the state bytes
             (see :func:`peak_memory_bytes`).
-        kinds: ``parameter -> kind``; by default from each optimizer (see
-            :func:`~lightning_lowmem.callbacks._kinds.param_kinds`).
+        segments: ``parameter -> segments``; by default as each optimizer describes them (see
+            :func:`~lightning_lowmem.callbacks.core.kinds.state_segments`).
     """
     optimizers = [optimizers] if isinstance(optimizers, Optimizer) else list(optimizers)
-    if kinds is None:
-        kinds = {p: k for opt in optimizers for p, k in param_kinds(opt).items()}
-    order = kinds_present(kinds.values())
+    if segments is None:
+        segments = {p: segs for opt in optimizers for p, segs in state_segments(opt).items()}
+    order = kinds_present(s.kind for segs in segments.values() for s in segs)
+    index = {k: i for i, k in enumerate(order)}
     sharded: dict[str, list[torch.Tensor]] = {k: [] for k in order}
     replicated: dict[str, list[torch.Tensor]] = {k: [] for k in order}
+    split = [0] * (2 * len(order))  # bytes of fused parameters' state, split over their segments
     params_by_kind = dict.fromkeys(order, 0)
     seen: set[int] = set()
     for optimizer in optimizers:
@@ -123,11 +154,18 @@ def measure_state_memory(
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                kind = kinds[p]
-                params_by_kind[kind] += p.numel()  # a DTensor's numel is global
+                segs = segments[p]
+                for seg in segs:
+                    params_by_kind[seg.kind] += seg.numel  # global counts
                 for tensor in state_tensors(optimizer.state.get(p, {})):
-                    (sharded if is_sharded(tensor) else replicated)[kind].append(tensor)
-    local = [tensors_bytes(sharded[k]) for k in order] + [tensors_bytes(replicated[k]) for k in order] + [peak_memory]
+                    if len(segs) == 1:
+                        (sharded if is_sharded(tensor) else replicated)[segs[0].kind].append(tensor)
+                        continue
+                    offset = 0 if is_sharded(tensor) else len(order)
+                    for seg, nbytes in zip(segs, _split_bytes(tensor, segs)):
+                        split[offset + index[seg.kind]] += nbytes
+    local = [tensors_bytes(sharded[k]) + split[i] for i, k in enumerate(order)]
+    local += [tensors_bytes(replicated[k]) + split[len(order) + i] for i, k in enumerate(order)] + [peak_memory]
     per_rank = gather_over_group(torch.tensor(local, dtype=torch.int64)).tolist()
     n = len(order)
     rank_by_kind = {k: tuple(row[i] + row[n + i] for row in per_rank) for i, k in enumerate(order)}
@@ -142,6 +180,16 @@ def measure_state_memory(
         params_by_kind=params_by_kind,
         peak_memory=tuple(row[-1] for row in per_rank),
     )
+
+
+def _split_bytes(tensor: torch.Tensor, segments: Sequence[Segment]) -> list[int]:
+    """The bytes of ``tensor`` (one state tensor of a fused parameter) that belong to each segment."""
+    entries = sum(s.entries for s in segments)
+    weights = [s.entries for s in segments] if tensor.numel() == entries else [s.numel for s in segments]
+    nbytes, total = tensors_bytes([tensor]), sum(weights)
+    shares = [nbytes * w // total for w in weights] if total else [0] * len(weights)
+    shares[-1] += nbytes - sum(shares)
+    return shares
 
 
 def peak_memory_bytes(device: torch.device) -> int:

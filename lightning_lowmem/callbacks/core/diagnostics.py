@@ -1,13 +1,18 @@
 r"""Optimizer diagnostics: effective learning rates and update-to-weight ratios (no Lightning inside).
 
-*Effective learning rate* of a second-moment block :math:`b` after step :math:`t`:
+*Relative learning rate* of a second-moment block :math:`b` after step :math:`t`: its effective
+learning rate :math:`\eta / (\sqrt{\hat v_b} + \epsilon)` divided by the configured (scheduled)
+learning rate :math:`\eta`,
 
 .. math::
 
-    \eta_b = \frac{\eta}{\sqrt{\hat v_b} + \epsilon}, \qquad \hat v_b = \frac{v_b}{1 - \beta_2^t},
+    \rho_b = \frac{1}{\sqrt{\hat v_b} + \epsilon}, \qquad \hat v_b = \frac{v_b}{1 - \beta_2^t},
 
-read from the state key ``exp_avg_sq`` (one entry per block for AdamMini/Eve, one per element for
+the factor by which the block's momentum is multiplied before the ``lr``: about :math:`1/|g|` for a
+block of gradients of size :math:`|g|`, :math:`1/\epsilon` for a block that has had no gradient. It
+is read from the state key ``exp_avg_sq`` (one entry per block for AdamMini/Eve, one per element for
 AdamW and ``full`` blocks; parameters without it, such as MicroAdam's compressed ones, have none).
+Its spread covers orders of magnitude, so the charts give :math:`\log_{10} \rho_b`.
 Blocks are sampled (at most ``max_samples`` per kind and rank, with a fixed generator) so that
 quantiles and histograms cost the same for any model size.
 
@@ -24,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch.optim import Optimizer
 
-from lightning_lowmem.callbacks._kinds import kinds_present, param_blocks, param_kinds, segment_sizes
-from lightning_lowmem.callbacks._reduce import gather_over_mesh, mesh_of, owned_part, sum_over_mesh
+from lightning_lowmem.callbacks.core.kinds import kinds_present, state_segments
+from lightning_lowmem.callbacks.core.reduce import gather_over_mesh, mesh_of, owned_part, sum_over_mesh
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -43,24 +48,25 @@ def layer_group(name: str) -> str:
     return ".".join(parts[:-1]) or name
 
 
-def effective_lr_samples(
+def relative_lr_samples(
     optimizers: Sequence[Optimizer],
     max_samples: int = 4096,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """``kind -> effective learning rates`` of sampled blocks of every rank (float64, on the CPU).
+    """``kind -> relative learning rates`` of sampled blocks of every rank (float64, on the CPU).
 
     Every rank samples up to ``max_samples`` blocks per kind from the state it owns (shards, and
     replicated state on the mesh's first rank); under FSDP2 the samples of all ranks are gathered in
-    one collective, which every rank must call.
+    one collective, which every rank must call. Kinds without ``exp_avg_sq`` (MicroAdam's
+    ``compressed``) are absent.
     """
-    per_kind: dict[str, list[tuple[torch.Tensor, float, float, float]]] = {}
+    per_kind: dict[str, list[tuple[torch.Tensor, float, float]]] = {}
     # Every rank must agree on the kinds (the gather's size): take them from the state all ranks have,
     # not from the part a rank owns (replicated blocks are owned by the first rank only).
     all_kinds: list[str] = []
     mesh = None
     for optimizer in optimizers:
-        kinds, blocks = param_kinds(optimizer), param_blocks(optimizer)
+        segments = state_segments(optimizer)
         mesh = mesh or mesh_of(p for group in optimizer.param_groups for p in group["params"])
         for group in optimizer.param_groups:
             _, beta2 = group.get("betas", (None, None))
@@ -69,24 +75,24 @@ def effective_lr_samples(
                 v, step = state.get("exp_avg_sq"), state.get("step")
                 if v is None or step is None or beta2 is None:
                     continue
-                kind = kinds[p]
-                segments = segment_sizes(blocks[p]) if kind == "mixed" else [(kind, None)]
-                all_kinds.extend(k for k, _ in segments)
+                segs = segments[p]
+                all_kinds.extend(s.kind for s in segs)
                 own = owned_part(v, mesh)
                 if own is None:
                     continue
                 t = float(step)
-                scale = 1.0 / (1.0 - beta2**t) if t > 0 else 1.0
-                hparams = (scale, float(group["lr"]), float(group["eps"]))
+                hparams = (1.0 / (1.0 - beta2**t) if t > 0 else 1.0, float(group["eps"]))
                 own, offset = own.detach().reshape(-1), 0
-                # a mixed parameter's blocks span ranks, so its state is replicated: the full vector is here
-                for seg_kind, n in segments:
-                    n = own.numel() if n is None else n
-                    per_kind.setdefault(seg_kind, []).append((own[offset : offset + n], *hparams))
-                    offset += n
+                if len(segs) == 1:
+                    per_kind.setdefault(segs[0].kind, []).append((own, *hparams))
+                    continue
+                # a fused parameter's blocks span ranks, so its state is replicated: the full vector is here
+                for seg in segs:
+                    per_kind.setdefault(seg.kind, []).append((own[offset : offset + seg.entries], *hparams))
+                    offset += seg.entries
     generator = torch.Generator().manual_seed(seed)
     order = kinds_present(all_kinds)
-    local = {k: _sample_effective_lr(per_kind.get(k, []), max_samples, generator) for k in order}
+    local = {k: _sample_relative_lr(per_kind.get(k, []), max_samples, generator) for k in order}
     if mesh is None:
         return local
     # Every rank must agree on the kinds and the buffer size: kinds come from global plans, but a
@@ -102,12 +108,12 @@ def effective_lr_samples(
     return out
 
 
-def _sample_effective_lr(
-    entries: list[tuple[torch.Tensor, float, float, float]], max_samples: int, generator: torch.Generator
+def _sample_relative_lr(
+    entries: list[tuple[torch.Tensor, float, float]], max_samples: int, generator: torch.Generator
 ) -> torch.Tensor:
     total = sum(v.numel() for v, *_ in entries)
     out = []
-    for v, scale, lr, eps in entries:
+    for v, scale, eps in entries:
         if v.numel() == 0:
             continue
         if total > max_samples:
@@ -115,7 +121,7 @@ def _sample_effective_lr(
             index = torch.randint(v.numel(), (take,), generator=generator).to(v.device)
             v = v[index]
         v_hat = v.to(torch.float64).cpu() * scale
-        out.append(lr / (v_hat.sqrt() + eps))
+        out.append(1.0 / (v_hat.sqrt() + eps))
     values = torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
     return values[:max_samples]
 

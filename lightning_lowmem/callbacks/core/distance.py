@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.optim import Optimizer
 
-from lightning_lowmem.callbacks._kinds import kinds_present
-from lightning_lowmem.callbacks._reduce import mesh_of, owned_part, sum_over_mesh
+from lightning_lowmem.callbacks.core.kinds import kinds_present
+from lightning_lowmem.callbacks.core.reduce import mesh_of, owned_part, sum_over_mesh
 
 _SNAPSHOT = re.compile(r"^step_(\d+)$")
 
@@ -61,7 +61,7 @@ def weight_distance(
     """The :class:`Distance` of ``weights`` to ``reference`` (same names and global shapes).
 
     Sums run in float64 over each rank's own part of every tensor (see
-    :func:`~lightning_lowmem.callbacks._reduce.owned_part`) and are added across ranks in one
+    :func:`~lightning_lowmem.callbacks.core.reduce.owned_part`) and are added across ranks in one
     all-reduce when the weights are ``DTensor`` s (then every rank must call it).
 
     Raises:
