@@ -76,6 +76,7 @@ matplotlib is installed (``pip install 'lightning-lowmem[bench]'``), else the ta
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import dataclasses
 import itertools
 import json
@@ -178,11 +179,14 @@ class Candidate:
     label: str
     build: Callable[[nn.Module, float], torch.optim.Optimizer]
     lr_scale: float = 1.0
+    reference: str = "AdamW"  # the run whose weights the trajectory distance is measured to
+    quick: bool = True  # trained by --quick
+    needs: str | None = None  # a module of the bench extra it imports
 
 
-def _from_config(name: str) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
+def _from_config(name: str, **options: Any) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
     def build(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        cfg = dict(name=name, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, backend="torch")
+        cfg = dict(name=name, lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, backend="torch", **options)
         return create_optimizer(model, cfg)
 
     return build
@@ -199,9 +203,24 @@ def _adafactor(model: nn.Module, lr: float) -> torch.optim.Optimizer:
                                  weight_decay=WEIGHT_DECAY / ADAFACTOR_LR_SCALE)
 
 
+def _torchao(name: str) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
+    """torchao's low-bit AdamW (the ``bench`` extra) with the same groups; its default block size."""
+    def build(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        import torchao.optim
+
+        return getattr(torchao.optim, name)(decay_groups(model, OptimConfig().no_decay), lr=lr, betas=BETAS,
+                                            weight_decay=WEIGHT_DECAY)
+    return build
+
+
 CANDIDATES = (
     Candidate("AdamW", _from_config("adamw")),
     Candidate("AdamMini", _from_config("adam_mini")),
+    Candidate("AdamMini bf16 m", _from_config("adam_mini", exp_avg_dtype="bf16"), reference="AdamMini", quick=False),
+    Candidate("AdamMini int8 m", _from_config("adam_mini", exp_avg_dtype="int8"), reference="AdamMini", quick=False),
+    Candidate("AdamMini int4 m", _from_config("adam_mini", exp_avg_dtype="int4"), reference="AdamMini", quick=False),
+    Candidate("torchao AdamW8bit", _torchao("AdamW8bit"), quick=False, needs="torchao"),
+    Candidate("torchao AdamW4bit", _torchao("AdamW4bit"), quick=False, needs="torchao"),
     Candidate("AdamMini (paper)", _from_config("adam_mini_paper")),
     Candidate("Eve", _from_config("eve")),
     Candidate("MicroAdam", _from_config("micro_adam")),
@@ -215,7 +234,8 @@ COLORS = {c.label: f"C{i}" for i, c in enumerate(CANDIDATES)}
 
 
 def label_with_scale(candidate: Candidate) -> str:
-    return candidate.label if candidate.lr_scale == 1 else f"{candidate.label} (lr x{candidate.lr_scale:g})"
+    label = candidate.label if candidate.lr_scale == 1 else f"{candidate.label} (lr x{candidate.lr_scale:g})"
+    return label if candidate.reference == "AdamW" else f"{label} (to {candidate.reference})"
 
 
 # ---- data and training --------------------------------------------------------------------------------
@@ -347,7 +367,8 @@ def _nan_last(x: float) -> float:
 
 
 def sweep(setup: Setup, candidates: Sequence[Candidate], log: Callable[[str], None]) -> Sweep:
-    """Train every candidate at every lr; AdamW first, recording the trajectory the others are compared to."""
+    """Train every candidate at every lr; the references first (AdamW, then fp32 AdamMini for the
+    momentum formats), recording the trajectories the others are compared to."""
     torch.manual_seed(setup.seed)
     init = GPT(GPTConfig.tiny(block_size=setup.block_size)).state_dict()
     train_batches, val_batches = load_batches(setup)
@@ -356,20 +377,18 @@ def sweep(setup: Setup, candidates: Sequence[Candidate], log: Callable[[str], No
     initial = evaluate(model, val_batches)
     log(f"initial validation loss {initial:.4f}; {setup.steps} steps x {setup.batch_size} x {setup.block_size} "
         f"bytes = {setup.tokens:,} training tokens per run")
-    references: dict[float, Snapshots] = {}
+    references: dict[tuple[str, float], Snapshots] = {}
     runs: dict[tuple[str, float], Run] = {}
-    ordered = sorted(candidates, key=lambda c: c.label != "AdamW")  # AdamW first: it is the reference
+    recorded = {c.reference for c in candidates}
+    ordered = sorted(candidates, key=lambda c: (c.label != "AdamW", c.label not in recorded))
     for candidate in ordered:
         for lr in setup.lrs:
-            is_reference = candidate.label == "AdamW"
-            if is_reference:
-                references[lr] = {}
-            run = train(candidate, lr, setup, init, train_batches, val_batches,
-                        record=references[lr] if is_reference else None,
-                        reference=None if is_reference else references.get(lr))
+            record = references.setdefault((candidate.label, lr), {}) if candidate.label in recorded else None
+            run = train(candidate, lr, setup, init, train_batches, val_batches, record=record,
+                        reference=references.get((candidate.reference, lr)) if candidate.label != "AdamW" else None)
             runs[candidate.label, lr] = run
             end = run.distances.get(setup.steps)
-            last = "" if end is None else f", rel. L2 to AdamW {end:.3f}"
+            last = "" if end is None else f", rel. L2 to {candidate.reference} {end:.3f}"
             log(f"{candidate.label:<18} lr {lr:<7g} val {run.val_loss:.4f}{last}  ({run.seconds:.0f} s)")
     return Sweep(setup, initial, runs)
 
@@ -709,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI mode: a few steps at one lr, then the checks")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 200, quick 60)")
     parser.add_argument("--lrs", type=float, nargs="+", help="peak learning rates to sweep")
-    parser.add_argument("--only", nargs="+", help="optimizer labels to run (AdamW always runs)")
+    parser.add_argument("--only", nargs="+", help="optimizer labels to run (AdamW and their references always run)")
     parser.add_argument("--plots", type=Path, help="folder for the PNG plots (full run default: docs/img)")
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     parser.add_argument("--from-json", type=Path,
@@ -728,9 +747,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [label for label in args.only or () if label not in labels]
     if unknown:
         parser.error(f"unknown optimizer label(s) {unknown}; choose from {labels}")
-    candidates = [c for c in CANDIDATES if not args.only or c.label == "AdamW" or c.label in args.only]
-    if args.quick:  # no check needs MicroAdam without error feedback: keep the quick run short
-        candidates = [c for c in candidates if c.label != "MicroAdam, no EF"]
+    wanted = set(args.only or labels)
+    wanted |= {"AdamW"} | {c.reference for c in CANDIDATES if c.label in wanted}
+    candidates = [c for c in CANDIDATES if c.label in wanted]
+    if args.quick:  # no check needs MicroAdam without error feedback or the momentum formats: keep it short
+        candidates = [c for c in candidates if c.quick and c.label != "MicroAdam, no EF"]
+    missing = [c for c in candidates if c.needs is not None and importlib.util.find_spec(c.needs) is None]
+    for c in missing:
+        print(f"{c.label}: not run, `{c.needs}` is not installed (pip install lightning-lowmem[bench])")
+    candidates = [c for c in candidates if c not in missing]
     plots = args.plots if args.plots or args.quick else ROOT / "docs" / "img"
 
     def log(message: str) -> None:

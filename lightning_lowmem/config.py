@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_lowmem.kernels import check_backend
+from lightning_lowmem.kernels.momentum_formats import DEFAULT_BLOCK, MomentumFormat
 from lightning_lowmem.optim.hparams import check_adam_hparams, check_choice
 from lightning_lowmem.optim.names import available_optimizers
 from lightning_lowmem.partition.build import compile_rules
@@ -109,6 +110,11 @@ class OptimConfig:
             :data:`~lightning_lowmem.partition.structure.ROLES`; ``()`` decays everything).
         backend: one of :data:`~lightning_lowmem.kernels.BACKENDS` (``"auto"`` picks the
             fastest available; see :func:`lightning_lowmem.kernels.resolve`).
+        exp_avg_dtype: how AdamMini/Eve store the momentum: ``"fp32"``, ``"bf16"``, ``"int8"`` or
+            ``"int4"`` (see :mod:`lightning_lowmem.kernels.momentum_formats`); ignored by ``adamw``
+            and ``micro_adam``.
+        exp_avg_block: entries of one row per scale of int8/int4 momentum, ``>= 2`` (even for int4).
+        stochastic_rounding: AdamMini/Eve write bf16 parameters with stochastic rounding.
         scheduler: the :class:`SchedulerConfig` (a dict is converted).
 
     Raises:
@@ -130,6 +136,9 @@ class OptimConfig:
     rules: dict[str, str] = dataclasses.field(default_factory=dict)  # {} : the preset decides every block
     no_decay: tuple[str, ...] = NO_DECAY_ROLES  # bias, norm, (tied) embedding: as nanoGPT, only matmul weights decay
     backend: str = "auto"  # the fastest that works: a Triton kernel on CUDA where one exists, else torch.compile
+    exp_avg_dtype: str = "fp32"  # AdamMini/Eve state: int8 about 1 byte per parameter, int4 about 0.5
+    exp_avg_block: int = DEFAULT_BLOCK  # 128 entries of one row per fp32 scale: 0.03 bytes per parameter
+    stochastic_rounding: bool = False  # for bf16 parameters: keeps updates below half a bf16 step
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)  # constant lr
 
     def __post_init__(self) -> None:
@@ -145,6 +154,10 @@ class OptimConfig:
         self.rules = _rules(self.rules)
         self.no_decay = _roles("no_decay", self.no_decay)
         check_backend(self.backend)
+        self.exp_avg_block = _integer("exp_avg_block", self.exp_avg_block)
+        MomentumFormat.of(self.exp_avg_dtype, self.exp_avg_block)
+        if not isinstance(self.stochastic_rounding, bool):
+            raise TypeError(f"stochastic_rounding must be true or false, got {self.stochastic_rounding!r}.")
         if not isinstance(self.scheduler, SchedulerConfig):
             self.scheduler = SchedulerConfig.from_any(self.scheduler)
 

@@ -45,6 +45,11 @@ BAD_OPTIM = [
     ({"no_decay": "bias"}, ValueError, "no_decay must be a list of roles, got 'bias'; write e.g. ['bias', 'norm']."),
     ({"no_decay": ("bias", "layernorm")}, ValueError, "Invalid no_decay role(s): ['layernorm']; choose among query, key,"),
     ({"backend": "triton!"}, ValueError, f"Invalid backend 'triton!'; choose one of {', '.join(map(repr, BACKENDS))}."),
+    ({"exp_avg_dtype": "int3"}, ValueError, "Invalid exp_avg_dtype: 'int3'; choose one of 'fp32', 'bf16', 'int8', 'int4'."),
+    ({"exp_avg_dtype": "int4", "exp_avg_block": 63}, ValueError, "Invalid exp_avg_block for int4: 63 (must be even: two 4-bit codes share a byte)."),
+    ({"exp_avg_block": 1}, ValueError, "Invalid exp_avg_block: 1 (must be an integer >= 2)."),
+    ({"exp_avg_block": "128"}, TypeError, "exp_avg_block must be an integer, got '128' of type str."),
+    ({"stochastic_rounding": "yes"}, TypeError, "stochastic_rounding must be true or false, got 'yes'."),
     ({"scheduler": {"name": "step"}}, ValueError, "Invalid scheduler name: 'step'; choose one of 'none', 'cosine', 'linear'."),
     ({"scheduler": 3}, TypeError, "SchedulerConfig.from_any expects one of SchedulerConfig, dict, omegaconf DictConfig; got int: 3."),
 ]
@@ -83,7 +88,7 @@ def test_bad_scheduler_values_raise_exact_errors(kwargs, error, message):
 def test_unknown_keys_list_the_valid_keys():
     message = (
         "Unknown key(s) for OptimConfig: 'lrr' (did you mean 'lr'?), 'foo'; valid keys: name, lr, betas, eps, "
-        "weight_decay, rules, no_decay, backend, scheduler."
+        "weight_decay, rules, no_decay, backend, exp_avg_dtype, exp_avg_block, stochastic_rounding, scheduler."
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         OptimConfig.from_any({"lrr": 0.1, "foo": 1})

@@ -87,7 +87,8 @@ def decay_groups(model: nn.Module, no_decay: tuple[str, ...]) -> list[dict[str, 
 def _block_adam_kwargs(cfg: OptimConfig) -> dict[str, Any]:
     """The keyword arguments every block optimizer takes, from ``cfg``."""
     return dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                rules=cfg.rules or None, no_decay=cfg.no_decay, backend=cfg.backend)
+                rules=cfg.rules or None, no_decay=cfg.no_decay, backend=cfg.backend, exp_avg_dtype=cfg.exp_avg_dtype,
+                exp_avg_block=cfg.exp_avg_block, stochastic_rounding=cfg.stochastic_rounding)
 
 
 @register_optimizer("adamw")
