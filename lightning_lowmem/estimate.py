@@ -12,6 +12,10 @@ AdamW                  ``8 N``: ``exp_avg`` and ``exp_avg_sq``, 4 bytes each
 AdamMini (preset)      ``4 (N + V)``: ``m`` elementwise, ``V`` second-moment values of the
                        block plan (:meth:`BlockPlan.state_bytes`)
 Eve                    the same with the ``eve`` preset (one value per row of linear weights)
+AdamMini (adam_mini,   ``m`` stored as bf16 (2 bytes), int8 (1 byte + a 4-byte scale per 128
+``<dtype>`` m)         entries of a row) or int4 (0.5 byte + the scales): ``exp_avg_dtype``
+                       (:meth:`MomentumFormat.state_bytes`); with int8/int4, tensors of fewer
+                       than 2 dims keep fp32 ``m``
 MicroAdam              per compressed tensor :meth:`MicroAdamLayout.state_bytes` (row-aligned
                        blocks: about ``0.5 + 4/bucket + 4 m density`` bytes per parameter,
                        0.983 for GPT-2 small at the defaults); 1-D tensors and tensors below
@@ -67,7 +71,8 @@ from torch import nn
 
 from lightning_lowmem.optim.adam_mini import ADAM_MINI_PRESETS
 from lightning_lowmem.optim.micro_adam import MicroAdam
-from lightning_lowmem.partition import ADAMW_STATE_BYTES_PER_PARAM, build_plan
+from lightning_lowmem.kernels.momentum_formats import MomentumFormat
+from lightning_lowmem.partition import ADAMW_STATE_BYTES_PER_PARAM, BlockPlan, build_plan
 
 #: Bytes of one fp32 state value.
 FP32_BYTES = 4
@@ -133,6 +138,7 @@ def estimate_state_memory(
     adam_mini_presets: Sequence[str] = ADAM_MINI_PRESETS,
     rules: Any = None,
     micro_adam: Mapping[str, Any] | None = None,
+    exp_avg_dtypes: Sequence[str] = ("bf16", "int8", "int4"),
 ) -> list[StateEstimate]:
     """fp32 state bytes of AdamW, AdamMini (each preset), Eve and MicroAdam for ``model``.
 
@@ -146,9 +152,10 @@ def estimate_state_memory(
         rules: block rules for AdamMini and Eve (as :func:`~lightning_lowmem.partition.build_plan`).
         micro_adam: MicroAdam settings (``window``, ``density``, ``block_size``, ``quant_bucket``,
             ``min_compressed_numel``); its defaults where not given.
+        exp_avg_dtypes: the momentum formats of AdamMini (first preset) to estimate, one row each.
 
     Returns:
-        Rows in the order AdamW, AdamMini (each preset), Eve, MicroAdam.
+        Rows in the order AdamW, AdamMini (each preset), Eve, AdamMini (each momentum format), MicroAdam.
 
     Raises:
         ValueError: for an unknown preset, a rule that does not fit, a MicroAdam setting out of
@@ -166,8 +173,25 @@ def estimate_state_memory(
         for preset in adam_mini_presets
     ]
     rows.append(StateEstimate("Eve", None, num_params, plans["eve"].state_bytes(FP32_BYTES)))
+    if adam_mini_presets:
+        preset = adam_mini_presets[0]
+        rows += [StateEstimate("AdamMini", f"{preset}, {name} m", num_params,
+                               quantized_state_bytes(plans[preset], MomentumFormat.of(name)))
+                 for name in exp_avg_dtypes]
     rows.append(micro_adam_estimate(model, **dict(micro_adam or {})))
     return rows
+
+
+def quantized_state_bytes(plan: BlockPlan, fmt: MomentumFormat) -> int:
+    """Bytes of AdamMini/Eve state with momentum stored in ``fmt``: fp32 ``v`` of ``plan``, and
+    ``fmt``'s codes and scales for every tensor it applies to (fp32 ``m`` for the others)."""
+    total = 0
+    for name in plan:
+        entry = plan[name]
+        stored = not fmt.quantized or (len(entry.shape) >= 2 and (entry.bank_dims == 0 or entry.is_full))
+        momentum = fmt.state_bytes(entry.shape) if stored else FP32_BYTES * entry.numel
+        total += momentum + FP32_BYTES * entry.state_numel
+    return total
 
 
 def micro_adam_estimate(model: nn.Module, **settings: Any) -> StateEstimate:

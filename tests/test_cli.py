@@ -47,7 +47,8 @@ def test_estimate_table1_models(capsys, name, adamw, mini, paper):
     assert code == 0 and err == ""
     rows = table_rows(out)
     assert list(rows) == [
-        "AdamW", "AdamMini (adam_mini)", "AdamMini (adam_mini_paper)", "Eve", "MicroAdam (window 10, density 0.01)",
+        "AdamW", "AdamMini (adam_mini)", "AdamMini (adam_mini_paper)", "Eve", "AdamMini (adam_mini, bf16 m)",
+        "AdamMini (adam_mini, int8 m)", "AdamMini (adam_mini, int4 m)", "MicroAdam (window 10, density 0.01)",
     ]
     assert rows["AdamW"] == [adamw, "8.000", "-"]
     assert rows["AdamMini (adam_mini_paper)"][0] == mini

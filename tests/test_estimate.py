@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_lowmem.estimate import (
     PAPER_TABLE1,
@@ -43,12 +44,17 @@ def _by_label(rows):
 def test_known_models_have_published_parameter_counts(name):
     rows = estimate_state_memory(build_meta_model(name))
     assert rows[0].num_params == PUBLISHED_PARAMS[name]
-    assert [r.optimizer for r in rows] == ["AdamW", "AdamMini", "AdamMini", "Eve", "MicroAdam"]
+    assert [r.optimizer for r in rows] == ["AdamW", "AdamMini", "AdamMini", "Eve", "AdamMini", "AdamMini", "AdamMini",
+                                           "MicroAdam"]
     assert rows[0].state_bytes == 8 * PUBLISHED_PARAMS[name] and rows[0].saving_percent == 0.0
     by = _by_label(rows)
     # DESIGN.md's targets hold on every known model, not only GPT-2 small.
     assert by["AdamMini (adam_mini)"].bytes_per_param <= 4.05
     assert by["MicroAdam (window 10, density 0.01)"].bytes_per_param <= 1.00
+    # issue 17's targets: codes, scales and v (step counters are left out of every row)
+    assert by["AdamMini (adam_mini, bf16 m)"].bytes_per_param <= 2.05
+    assert by["AdamMini (adam_mini, int8 m)"].bytes_per_param <= 1.05
+    assert by["AdamMini (adam_mini, int4 m)"].bytes_per_param <= 0.55
 
 
 @pytest.mark.parametrize(
@@ -186,3 +192,17 @@ def test_as_dict_is_json_ready():
     d = row.as_dict()
     assert d["label"] == "AdamMini (adam_mini)" and d["state_bytes"] == row.state_bytes
     assert d["saving_percent"] == pytest.approx(100 * (1 - row.state_bytes / (8 * row.num_params)))
+
+
+def test_quantized_momentum_rows_count_codes_scales_and_v_as_the_optimizer_allocates():
+    """The estimate equals the bytes of the state an AdamMini with that exp_avg_dtype allocates."""
+    model = nn.Sequential(nn.Embedding(300, 40), nn.Linear(40, 257), nn.LayerNorm(257))
+    rows = _by_label(estimate_state_memory(model, adam_mini_presets=("adam_mini",)))
+    for name in ("bf16", "int8", "int4"):
+        optimizer = AdamMini(model, exp_avg_dtype=name)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        allocated = sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                        for key, t in state.items() if key != "step")
+        assert rows[f"AdamMini (adam_mini, {name} m)"].state_bytes == allocated
