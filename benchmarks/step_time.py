@@ -15,6 +15,11 @@ Run::
     python benchmarks/step_time.py --model hf-gpt2  # transformers' GPT-2, transposed Conv1D weights
     python benchmarks/step_time.py --device cuda    # every optimizer and backend a GPU has (Triton)
     python benchmarks/step_time.py --model hf-gpt2 --threads 1 --clock cpu --by-kind  # where the time goes
+    python benchmarks/step_time.py --model llama --only "AdamW fused" int8 int4 torchao  # quantized momentum
+
+``AdamMini int8/int4/bf16`` keep the momentum as ``exp_avg_dtype`` says (the C kernel on CPUs, Triton
+on CUDA); ``torchao AdamW8bit``/``AdamW4bit`` (the ``bench`` extra) are the low-bit peers, compiled
+with ``torch.compile`` in their first steps (the warm-up).
 
 On a shared host, compare ratios taken in the same run, not milliseconds across runs.
 """
@@ -22,6 +27,7 @@ On a shared host, compare ratios taken in the same run, not milliseconds across 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -35,14 +41,21 @@ from lightning_lowmem.models.gpt import GPT, GPTConfig
 from lightning_lowmem.optim import AdamMini, Eve, MicroAdam
 from lightning_lowmem.utils.memory import optimizer_state_bytes
 
-#: Bytes a step must read and write per fp32 parameter, at the least.
-MIN_BYTES_PER_PARAM = {"adamw": 28, "block": 20, "micro_adam": 12}
+#: Bytes a step must read and write per fp32 parameter, at the least (p, g and the state's codes).
+MIN_BYTES_PER_PARAM = {"adamw": 28, "block": 20, "micro_adam": 12, "block bf16": 16, "block int8": 14,
+                       "block int4": 13, "adamw 8bit": 16, "adamw 4bit": 14}
 
 
 def make_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The model whose parameters are optimized, with fixed random gradients."""
     torch.manual_seed(0)
-    if args.model == "hf-gpt2":  # Hugging Face's GPT-2: Conv1D weights, whose rows are columns
+    if args.model == "llama":  # Llama-like nn.Linear weights: SwiGLU MLP, untied head, no biases
+        from lightning_lowmem.models.llama import Llama, LlamaConfig
+
+        heads = args.width // 64
+        model = Llama(LlamaConfig(vocab_size=32000, hidden_size=args.width, intermediate_size=8 * args.width // 3 // 64 * 64,
+                                  num_hidden_layers=args.layers, num_attention_heads=heads)).to(device)
+    elif args.model == "hf-gpt2":  # Hugging Face's GPT-2: Conv1D weights, whose rows are columns
         from transformers import GPT2Config, GPT2LMHeadModel
 
         model = GPT2LMHeadModel(GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64)).to(device)
@@ -64,10 +77,22 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[nn.Module
     for backend in backends:
         out[f"AdamMini {backend}"] = ("block", lambda m, b=backend: AdamMini(m, lr=1e-4, backend=b))
         out[f"Eve {backend}"] = ("block", lambda m, b=backend: Eve(m, lr=1e-4, backend=b))
+    fast = "triton" if device.type == "cuda" else "native"
+    for dtype in ("bf16", "int8", "int4"):
+        out[f"AdamMini {dtype} {fast}"] = (f"block {dtype}", lambda m, d=dtype: AdamMini(m, lr=1e-4, backend=fast,
+                                                                                        exp_avg_dtype=d))
+    for bits in ("8bit", "4bit"):
+        out[f"torchao AdamW{bits}"] = (f"adamw {bits}", lambda m, b=bits: _torchao(f"AdamW{b}", m))
     for backend in backends:
         if backend != "native":  # MicroAdam has no C kernel
             out[f"MicroAdam {backend}"] = ("micro_adam", lambda m, b=backend: MicroAdam(m, lr=1e-4, backend=b))
     return out
+
+
+def _torchao(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    import torchao.optim  # the bench extra
+
+    return getattr(torchao.optim, name)(model.parameters(), lr=1e-4)
 
 
 def sync(device: torch.device) -> None:
@@ -80,6 +105,9 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     setups = {}
     for name, (kind, factory) in candidates(device).items():
         if args.only and not any(word.lower() in name.lower() for word in args.only):
+            continue
+        if name.startswith("torchao") and importlib.util.find_spec("torchao") is None:
+            print(f"{name}: not run, `torchao` is not installed (pip install lightning-lowmem[bench])", file=sys.stderr)
             continue
         model = make_model(args, device)
         optimizer = factory(model)
@@ -164,19 +192,19 @@ def by_kind(args: argparse.Namespace) -> list[dict[str, object]]:
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    header = f"{'optimizer':18s} {'device':12s} {'ms/step':>9s} {'vs fused':>9s} {'B/param':>8s} {'GB/s':>7s} {'warm-up s':>10s}"
+    header = f"{'optimizer':22s} {'device':12s} {'ms/step':>9s} {'vs fused':>9s} {'B/param':>8s} {'GB/s':>7s} {'warm-up s':>10s}"
     print(f"{rows[0]['params']:,} parameters")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['optimizer']:18s} {r['device']:12s} {r['ms_per_step']:9.1f} {r['ratio_to_fused_adamw']:8.2f}x "
+        print(f"{r['optimizer']:22s} {r['device']:12s} {r['ms_per_step']:9.1f} {r['ratio_to_fused_adamw']:8.2f}x "
               f"{r['state_bytes_per_param']:8.2f} {r['effective_gb_s']:7.1f} {r['warmup_s']:10.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", choices=("gpt", "hf-gpt2"), default="gpt",
+    parser.add_argument("--model", choices=("gpt", "hf-gpt2", "llama"), default="gpt",
                         help="the package's GPT (nn.Linear) or Hugging Face's GPT2LMHeadModel (Conv1D; needs transformers)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=768, help="a multiple of 64 (head size 64)")

@@ -150,7 +150,7 @@ def _quantized_kernel(
             m = tl.where(mask, m, 0.0)
             absmax = tl.max(tl.abs(m), axis=0)
             inverse = tl.where(absmax > 0, 127.0 / absmax, 0.0)
-            tl.store(m_ptrs, tl.floor(m * inverse + 0.5).to(tl.int8), mask=mask)
+            tl.store(m_ptrs, (tl.floor(m * inverse + 127.5) - 127.0).to(tl.int8), mask=mask)
             tl.store(s_ptr + row * s_sr + block, absmax / 127.0)
         elif FORMAT == 1:
             tl.store(m_ptrs, _stochastic_bf16(m, seed, row * cols + c).to(tl.bfloat16), mask=mask)

@@ -6,7 +6,7 @@ rest, :func:`~lightning_lowmem.kernels.layout.as_rows`), so an FSDP2 shard of di
 block; the last block of a row may be shorter. Each block keeps one fp32 scale :math:`s_b`:
 
 * ``"int8"``: linear, :math:`m = s_b\,q` with :math:`q \in \{-127..127\}` (int8 codes),
-  :math:`s_b = \max_{i\in b}|m_i| / 127`, round to nearest;
+  :math:`s_b = \max_{i\in b}|m_i| / 127`, round to nearest (:math:`q = \lfloor m/s_b + 127.5\rfloor - 127`);
 * ``"int4"``: a non-uniform (dynamic) code book :data:`INT4_CODE_BOOK` of 15 values in
   :math:`[-1, 1]`, dense near 0, :math:`m = s_b\,c[q]` with :math:`s_b = \max_{i\in b}|m_i|`,
   nearest code; two codes a byte (even column in the low nibble);
@@ -188,7 +188,8 @@ def encode_(state: QuantizedMomentum, m: Tensor, fmt: MomentumFormat, seed: int 
     absmax = padded.abs().amax(dim=2)
     if fmt.name == "int8":
         inverse = torch.where(absmax > 0, INT8_MAX / absmax, torch.zeros_like(absmax))
-        codes = torch.floor(padded * inverse.unsqueeze(2) + 0.5).view(n_rows, -1)[:, :cols]
+        # floor(y + 0.5) as the kernels compute it: truncation of a positive value, floor(y + 127.5) - 127
+        codes = (torch.floor(padded * inverse.unsqueeze(2) + 127.5) - 127).view(n_rows, -1)[:, :cols]
         as_rows(state.codes).copy_(codes.to(torch.int8))
         state.scales.copy_(absmax / INT8_MAX)
         return

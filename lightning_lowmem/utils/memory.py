@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
@@ -78,8 +79,14 @@ def _union_length(spans: list[tuple[int, int]]) -> int:
 
 
 def state_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in ``obj`` (an optimizer's per-parameter state), descending into mappings, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
+    """Every tensor in ``obj`` (an optimizer's per-parameter state), descending into mappings, lists and
+    tuples, and into the inner tensors of wrapper tensor subclasses (torchao's 8-bit and 4-bit
+    optimizer states keep their codes and scales there, with no storage of their own)."""
+    if isinstance(obj, torch.Tensor) and is_traceable_wrapper_subclass(obj) and _local(obj) is obj:  # not a DTensor
+        names, _ = obj.__tensor_flatten__()
+        for name in names:
+            yield from state_tensors(getattr(obj, name))
+    elif isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, Mapping):
         for value in obj.values():

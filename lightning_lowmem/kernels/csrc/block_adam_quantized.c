@@ -8,7 +8,7 @@
  *     m <- m + (1 - beta1) * (g - m)
  *     p <- p * decay + s * m                       (s = -step_size / (sqrt(v_hat) + eps))
  *
- * and encodes the block again: int8 codes q = floor(m * 127 / absmax + 0.5) with scale absmax / 127,
+ * and encodes the block again: int8 codes q = floor(m * 127 / absmax + 127.5) - 127 with scale absmax / 127,
  * int4 the nearest value of a code book (the count of code-book midpoints below m / absmax, two codes
  * a byte, even column in the low nibble) with scale absmax, bf16 with stochastic rounding by a
  * counter-based hash of (seed, flat index). Memory sees 4 + 4 + 4 + 1 + 1 bytes per parameter for
@@ -72,18 +72,18 @@ static void decode_block(float *m, const void *codes, const float *scales, int64
         const float scale = scales[c0 / h->qblock];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) m[j] = (float)c[j] * scale;
-    } else {
-        const uint8_t *c = (const uint8_t *)codes;
+    } else { /* c0 is even: the block starts at a byte */
+        const uint8_t *c = (const uint8_t *)codes + c0 / 2;
+        const float *book = h->book;
         const float scale = scales[c0 / h->qblock];
-        for (int64_t j = 0; j < n; ++j) {
-            const int64_t col = c0 + j;
-            m[j] = h->book[(c[col >> 1] >> ((col & 1) * 4)) & 0xF] * scale;
-        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) m[j] = book[(c[j >> 1] >> ((j & 1) * 4)) & 0xF] * scale;
     }
 }
 
-static void encode_block(const float *m, void *codes, float *scales, int64_t c0, int64_t n, uint32_t seed,
-                         uint64_t index, const hparams *h) {
+/* code: scratch of n + 1 bytes for int4 codes before they are packed */
+static void encode_block(const float *m, uint8_t *code, void *codes, float *scales, int64_t c0, int64_t n,
+                         uint32_t seed, uint64_t index, const hparams *h) {
     if (h->format == FORMAT_BF16) {
         uint16_t *c = (uint16_t *)codes + c0;
         for (int64_t j = 0; j < n; ++j) {
@@ -96,37 +96,40 @@ static void encode_block(const float *m, void *codes, float *scales, int64_t c0,
     }
     float absmax = 0.0f;
 #pragma omp simd reduction(max : absmax)
-    for (int64_t j = 0; j < n; ++j) absmax = fmaxf(absmax, fabsf(m[j]));
+    for (int64_t j = 0; j < n; ++j) {
+        const float a = fabsf(m[j]);
+        absmax = a > absmax ? a : absmax;
+    }
     if (h->format == FORMAT_INT8) {
         int8_t *c = (int8_t *)codes + c0;
         const float inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+        /* floor(y + 0.5) for y in [-127, 127], as a truncation of a positive value (vectorizes) */
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) c[j] = (int8_t)floorf(m[j] * inverse + 0.5f);
+        for (int64_t j = 0; j < n; ++j) c[j] = (int8_t)((int32_t)(m[j] * inverse + 127.5f) - 127);
         scales[c0 / h->qblock] = absmax / 127.0f;
         return;
     }
-    uint8_t *c = (uint8_t *)codes;
+    uint8_t *c = (uint8_t *)codes + c0 / 2;
+    const float *mids = h->mids;
     const float inverse = absmax > 0.0f ? 1.0f / absmax : 0.0f;
-    for (int64_t j = 0; j < n; j += 2) {
-        uint8_t byte = 0;
-        for (int64_t half = 0; half < 2; ++half) {
-            uint8_t code = INT4_CODES / 2; /* the code of 0: an odd row's padding */
-            if (j + half < n) {
-                const float y = m[j + half] * inverse;
-                code = 0;
-                for (int k = 0; k < INT4_CODES - 1; ++k) code += y > h->mids[k];
-            }
-            byte |= (uint8_t)(code << (4 * half));
-        }
-        c[(c0 + j) >> 1] = byte;
+    code[n] = INT4_CODES / 2; /* the code of 0: the padding nibble of an odd row */
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+        const float y = m[j] * inverse;
+        int32_t q = 0;
+        for (int k = 0; k < INT4_CODES - 1; ++k) q += y > mids[k];
+        code[j] = (uint8_t)q;
     }
+#pragma omp simd
+    for (int64_t j = 0; j < (n + 1) / 2; ++j) c[j] = (uint8_t)(code[2 * j] | (code[2 * j + 1] << 4));
     scales[c0 / h->qblock] = absmax;
 }
 
 /* One row: decode, update, encode, block by block. Exactly one of v (elementwise), col_scales
  * (per column) is non-NULL, or neither (the row's scale). */
 static void update_row(float *p, const float *g, void *codes, float *scales, float *v, const float *col_scales,
-                       float scale, int64_t cols, uint32_t seed, uint64_t index, float *m, const hparams *h) {
+                       float scale, int64_t cols, uint32_t seed, uint64_t index, float *m, uint8_t *code,
+                       const hparams *h) {
     const float omb1 = h->one_minus_beta1, sign = h->grad_sign, decay = h->decay;
     for (int64_t c0 = 0; c0 < cols; c0 += h->qblock) {
         const int64_t n = c0 + h->qblock < cols ? h->qblock : cols - c0;
@@ -161,7 +164,7 @@ static void update_row(float *p, const float *g, void *codes, float *scales, flo
                 pb[j] = pb[j] * decay + scale * m_new;
             }
         }
-        encode_block(m, codes, scales, c0, n, seed, index + (uint64_t)c0, h);
+        encode_block(m, code, codes, scales, c0, n, seed, index + (uint64_t)c0, h);
     }
 }
 
@@ -201,8 +204,10 @@ int32_t lowmem_block_adam_quantized(
     const float *mids) {
     const hparams h = {decay, step_size, bias_correction2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
                        maximize ? -1.0f : 1.0f, format, qblock, book, mids};
-    float *m = malloc((size_t)qblock * sizeof(float));
+    /* scratch: the decoded block, then room for its int4 codes */
+    float *m = malloc((size_t)qblock * sizeof(float) + (size_t)qblock + 1);
     if (m == NULL) return -1;
+    uint8_t *code = (uint8_t *)(m + qblock);
     for (int64_t item = 0; item < n_items; ++item) {
         float *p = params[item], *v = exp_avg_sqs[item], *s = scales[item];
         const float *g = grads[item], *denom = denoms[item];
@@ -232,7 +237,7 @@ int32_t lowmem_block_adam_quantized(
             for (int64_t r = r0; r < r0 + k; ++r) {
                 update_row(p + r * cols, g + r * cols, code_row(codes[item], r, cols, format), s ? s + r * n_blocks : NULL,
                            mode == 0 ? v + r * cols : NULL, col_scales, scale, cols, seed,
-                           base + (uint64_t)(r * cols), m, &h);
+                           base + (uint64_t)(r * cols), m, code, &h);
             }
         }
         free(col_scales);
