@@ -82,8 +82,8 @@ static void decode_block(float *m, const void *codes, const float *scales, int64
 }
 
 /* code: scratch of n + 1 bytes for int4 codes before they are packed */
-static void encode_block(const float *m, uint8_t *code, void *codes, float *scales, int64_t c0, int64_t n,
-                         uint32_t seed, uint64_t index, const hparams *h) {
+static void encode_block(const float *m, float absmax, uint8_t *code, void *codes, float *scales, int64_t c0,
+                         int64_t n, uint32_t seed, uint64_t index, const hparams *h) {
     if (h->format == FORMAT_BF16) {
         uint16_t *c = (uint16_t *)codes + c0;
         for (int64_t j = 0; j < n; ++j) {
@@ -93,12 +93,6 @@ static void encode_block(const float *m, uint8_t *code, void *codes, float *scal
             c[j] = (uint16_t)(bits >> 16);
         }
         return;
-    }
-    float absmax = 0.0f;
-#pragma omp simd reduction(max : absmax)
-    for (int64_t j = 0; j < n; ++j) {
-        const float a = fabsf(m[j]);
-        absmax = a > absmax ? a : absmax;
     }
     if (h->format == FORMAT_INT8) {
         int8_t *c = (int8_t *)codes + c0;
@@ -136,13 +130,15 @@ static void update_row(float *p, const float *g, void *codes, float *scales, flo
         decode_block(m, codes, scales, c0, n, h);
         float *pb = p + c0;
         const float *gb = g + c0;
+        float absmax = 0.0f; /* of the new m, for its scale */
         if (v != NULL) {
             float *vb = v + c0;
             const float beta2 = h->beta2, omb2 = h->one_minus_beta2, step_size = h->step_size;
             const float bc2 = h->bias_correction2_sqrt, eps = h->eps;
-#pragma omp simd
+#pragma omp simd reduction(max : absmax)
             for (int64_t j = 0; j < n; ++j) {
                 const float m_new = m[j] + omb1 * (sign * gb[j] - m[j]);
+                absmax = fabsf(m_new) > absmax ? fabsf(m_new) : absmax;
                 const float v_new = beta2 * vb[j] + omb2 * gb[j] * gb[j];
                 m[j] = m_new;
                 vb[j] = v_new;
@@ -150,21 +146,23 @@ static void update_row(float *p, const float *g, void *codes, float *scales, flo
             }
         } else if (col_scales != NULL) {
             const float *sb = col_scales + c0;
-#pragma omp simd
+#pragma omp simd reduction(max : absmax)
             for (int64_t j = 0; j < n; ++j) {
                 const float m_new = m[j] + omb1 * (sign * gb[j] - m[j]);
+                absmax = fabsf(m_new) > absmax ? fabsf(m_new) : absmax;
                 m[j] = m_new;
                 pb[j] = pb[j] * decay + sb[j] * m_new;
             }
         } else {
-#pragma omp simd
+#pragma omp simd reduction(max : absmax)
             for (int64_t j = 0; j < n; ++j) {
                 const float m_new = m[j] + omb1 * (sign * gb[j] - m[j]);
+                absmax = fabsf(m_new) > absmax ? fabsf(m_new) : absmax;
                 m[j] = m_new;
                 pb[j] = pb[j] * decay + scale * m_new;
             }
         }
-        encode_block(m, code, codes, scales, c0, n, seed, index + (uint64_t)c0, h);
+        encode_block(m, absmax, code, codes, scales, c0, n, seed, index + (uint64_t)c0, h);
     }
 }
 
