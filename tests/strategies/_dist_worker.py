@@ -38,9 +38,9 @@ from lightning_lowmem.strategies import LowMemFSDPStrategy, total_grad_norm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the launcher's helpers
 from _launch import end_worker  # noqa: E402
 
-OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam", "adam_mini_int8")
+OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam", "adam_mini_int8", "adam_mini_int4")
 #: Optimizers whose runs are also checkpointed and resumed (2 -> 2 and 2 -> 1 processes, both formats).
-RESUMED = ("adamw", "adam_mini", "micro_adam", "adam_mini_int8")
+RESUMED = ("adamw", "adam_mini", "micro_adam", "adam_mini_int8", "adam_mini_int4")
 GLOBAL_BATCH = 8
 DIM, HEADS, SEQ, CLASSES = 6, 3, 4, 3
 PG_TIMEOUT = timedelta(seconds=60)
@@ -140,8 +140,8 @@ def make_optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
 
     if name in ("adam_mini", "adam_mini_paper"):
         return AdamMini(model, lr=1e-2, weight_decay=0.1, preset=name, backend="torch")
-    if name == "adam_mini_int8":  # int8 momentum: codes and scales sharded like their rows
-        return AdamMini(model, lr=1e-2, weight_decay=0.1, exp_avg_dtype="int8", exp_avg_block=4, backend="torch")
+    if name in ("adam_mini_int8", "adam_mini_int4"):  # codes and scales sharded like their rows
+        return AdamMini(model, lr=1e-2, weight_decay=0.1, exp_avg_dtype=name[-4:], exp_avg_block=4, backend="torch")
     if name == "eve":
         return Eve(model, lr=1e-2, weight_decay=0.1, backend="torch")
     if name == "micro_adam":

@@ -15,8 +15,8 @@ import torch
 from _launch import launch  # tests/_launch.py: tests/ is on sys.path through its conftest.py
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam", "adam_mini_int8")
-RESUMED = ("adamw", "adam_mini", "micro_adam", "adam_mini_int8")  # the worker resumes these (its RESUMED)
+OPTIMIZERS = ("adamw", "adam_mini", "adam_mini_paper", "eve", "micro_adam", "adam_mini_int8", "adam_mini_int4")
+RESUMED = ("adamw", "adam_mini", "micro_adam", "adam_mini_int8", "adam_mini_int4")  # the worker resumes these (its RESUMED)
 TIMEOUT = 180
 
 
@@ -145,19 +145,21 @@ def test_full_checkpoint_has_lightning_format_and_global_state_shapes(runs, opti
     if optimizer == "micro_adam":
         _check_micro_adam_state(model, optim_state, ids)
         return
-    plan = build_plan(model, optimizer.removesuffix("_int8")) if optimizer != "adamw" else None
+    plan = build_plan(model, optimizer.removesuffix("_int8").removesuffix("_int4")) if optimizer != "adamw" else None
     # the optimizer's groups follow the model's parameters (AdamW) or the plan's decay groups (AdamMini)
     named = dict(model.named_parameters())
     names = [n for group in optim_state["param_groups"] for n in group.get("param_names", [])] or list(named)
     assert len(names) == len(ids)
     for i, name in zip(ids, names):
         state = optim_state["state"][i]
-        assert state["exp_avg"].shape == named[name].shape, name
+        packed = optimizer == "adam_mini_int4" and named[name].dim() >= 2  # two codes a byte
+        shape = (named[name].shape[0], -(-named[name].shape[1] // 2)) if packed else named[name].shape
+        assert state["exp_avg"].shape == shape, name
         expected = named[name].shape if plan is None else plan[name].state_shape()
         assert tuple(state["exp_avg_sq"].shape) == tuple(expected), name
-        if optimizer == "adam_mini_int8" and named[name].dim() >= 2:  # codes, and a scale per block of 4 of a row
+        if optimizer.startswith("adam_mini_int") and named[name].dim() >= 2:  # codes, a scale per block of 4 of a row
             rows, cols = named[name].shape
-            assert state["exp_avg"].dtype == torch.int8, name
+            assert state["exp_avg"].dtype == (torch.int8 if optimizer.endswith("int8") else torch.uint8), name
             assert state["exp_avg_scale"].shape == (rows, -(-cols // 4)) and state["exp_avg_scale"].dtype == torch.float32
 
 
