@@ -37,6 +37,7 @@ snapshot at step 0) weigh more than in a long run: the figures are upper bounds.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import statistics
 import sys
@@ -157,10 +158,8 @@ def run(cfg: Any, root: Path, name: str, callbacks: list[tuple[str, Callback]], 
         trainer = L.Trainer(
             logger=TensorBoardLogger(str(root), name=name),
             callbacks=[timer] + [attribution.instrument(label, cb) for label, cb in callbacks],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            **{**OmegaConf.to_container(cfg.trainer, resolve=True), "limit_val_batches": 0},
+            **{"enable_model_summary": False, **OmegaConf.to_container(cfg.trainer, resolve=True),
+               "enable_checkpointing": False, "enable_progress_bar": False, "limit_val_batches": 0},
         )
         trainer.fit(model, datamodule=data)
     return statistics.fmean(timer.times), dict(attribution.seconds)
@@ -182,14 +181,14 @@ def main(argv: list[str]) -> None:
     cuda = args.accelerator in ("gpu", "cuda")
     if not cuda:
         torch.set_num_threads(args.threads)
-    every = 250  # TrajectoryDistance's default interval
+    every = inspect.signature(TrajectoryDistance).parameters["every_n_steps"].default
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         snapshots = root / "snapshots"
         _, model = build(cfg)
         weights = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        for step in range(0, args.steps + 1, every):
+        for step in sorted({*range(0, args.steps + 1, every), args.steps}):  # the last step is measured too
             save_snapshot(weights, snapshot_path(snapshots, step))
 
         baselines, withs, seconds = [], [], defaultdict(list)

@@ -111,6 +111,18 @@ def test_train_gpt_config_names_real_arguments():
     assert steps // cfg.trajectory.every_n_steps >= 20 and steps // cfg.diagnostics.every_n_steps >= 20
 
 
+def test_callback_overhead_benchmark_measures_every_callback():
+    """A short run of the benchmark: each callback at its default interval (snapshots for the compare
+    mode at TrajectoryDistance's own interval and last step) gets a finite, positive cost."""
+    out, _ = run_script("benchmarks/callback_overhead.py", "--steps", "21", "--rounds", "1")
+    labels = ("OptimizerStateMonitor()", "TrajectoryDistance(compare)", "LossSpikeMonitor()", "OptimizerDiagnostics()",
+              "the four together", "TrajectoryDistance(record)", "TrajectoryDistance(shadow)")
+    for label in labels:
+        row = re.search(rf"^{re.escape(label)}\s+([0-9.]+)\s+([0-9.]+)%$", out, re.MULTILINE)
+        assert row is not None, (label, out)
+        assert 0 < float(row.group(1)) < 1000, row.group(0)
+
+
 def test_state_memory_benchmark_meets_targets():
     out, _ = run_script("benchmarks/state_memory.py", "--json")
     rows = {row["optimizer"]: row for row in json.loads(out)}

@@ -144,6 +144,12 @@ class LossSpikeMonitor(LowMemCallback):
         self._hook: Any = None
 
     @property
+    def handles_nonfinite_loss(self) -> bool:
+        """Whether this monitor keeps a non-finite step from the weights itself (``skip_nonfinite``,
+        or ``action="raise"``); ``lowmem_fsdp``'s own non-finite check then leaves the step to it."""
+        return self.skip_nonfinite or self.action == "raise"
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(action=self.action, monitor=self.detector.monitors)
 

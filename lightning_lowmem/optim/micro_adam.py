@@ -33,8 +33,6 @@ COMPRESSED_STATE = STATE_DTYPES
 DENSE_STATE = ("exp_avg", "exp_avg_sq")
 #: Group settings that decide the state's layout: a checkpoint must have been written with the same.
 LAYOUT_SETTINGS = ("window", "density", "block_size", "quant_bucket", "min_compressed_numel", "error_feedback")
-#: Group settings added after state dicts were first written, with the value an older state dict implies.
-IMPLIED_SETTINGS = {"error_feedback": True}
 
 
 class MicroAdam(LowMemOptimizer):
@@ -316,8 +314,6 @@ class MicroAdam(LowMemOptimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by a MicroAdam with the same layout settings (dtypes kept).
 
-        A state dict written before ``error_feedback`` existed has error feedback (its state holds it).
-
         Raises:
             ValueError: if a group's ``window``/``density``/``block_size``/``quant_bucket``/
                 ``min_compressed_numel``/``error_feedback`` differ, or a parameter's state does not fit
@@ -325,9 +321,13 @@ class MicroAdam(LowMemOptimizer):
         """
         for i, (saved, group) in enumerate(zip(state_dict.get("param_groups", []), self.param_groups)):
             for key in LAYOUT_SETTINGS:
-                if key not in saved and key not in IMPLIED_SETTINGS:
-                    continue
-                value = saved.get(key, IMPLIED_SETTINGS.get(key))
+                if key not in saved:
+                    raise ValueError(
+                        f"Cannot load optimizer state: param group {i} has no {key!r}, so it was not saved by "
+                        "MicroAdam; load it into the optimizer that wrote it (the checkpoint's weights load "
+                        "without their optimizer state)."
+                    )
+                value = saved[key]
                 if value != group[key]:
                     raise ValueError(
                         f"Cannot load optimizer state: param group {i} was saved with {key}={value!r}, "
@@ -335,13 +335,6 @@ class MicroAdam(LowMemOptimizer):
                         f"so build the optimizer with {key}={value!r}."
                     )
         super().load_state_dict(state_dict)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Fill in group settings that older state dicts and pickles lack (:data:`IMPLIED_SETTINGS`)."""
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in IMPLIED_SETTINGS.items():
-                group.setdefault(key, value)
 
     # ---- step ----------------------------------------------------------------------------------
 

@@ -447,7 +447,7 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         """The optimizer step, not taken (an error, or a skip) if a loss since the last one was not finite."""
-        if not self.loss_guard.enabled:
+        if not self.loss_guard.enabled or self._callback_handles_nonfinite_loss():
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         inner = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
@@ -459,6 +459,14 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
             return result
 
         return super().optimizer_step(optimizer, guarded, model, **kwargs)
+
+    def _callback_handles_nonfinite_loss(self) -> bool:
+        """Whether a callback takes the decision on non-finite losses itself (its
+        ``handles_nonfinite_loss`` is true, as :class:`~lightning_lowmem.callbacks.LossSpikeMonitor`'s
+        is by default): it then sees the step, which the guard would otherwise stop before the
+        callbacks' ``on_before_optimizer_step``."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        return trainer is not None and any(getattr(cb, "handles_nonfinite_loss", False) for cb in trainer.callbacks)
 
 
 def _attempt(fn: Callable[[], None]) -> str | None:

@@ -171,3 +171,21 @@ def test_patterns_and_banks_count_and_index_their_blocks() -> None:
     assert (transposed.bank_rows, transposed.cols, transposed.state_shape()) == (4, 5, (3, 1))
     with pytest.raises(ValueError, match="segments cover 6 rows x 3 periods but the parameter has 12"):
         ParamBlocks("qkv", (12, 3), ((head, 2), (head, 2), (BlockSpec("row"), 2)), repeat=3)
+
+
+def test_kind_runs_follow_v_in_order() -> None:
+    """The runs of one kind in v's order, with the parameters they cover: a pattern alternates them
+    per period, a single kind (a bank included) is one run, a tensor block shared by the periods
+    stands where its first row is."""
+    head = BlockSpec("head", 2)
+    neox = ParamBlocks("qkv", (12, 3), ((head, 2), (head, 2), (BlockSpec("row"), 2)), repeat=2)
+    # per period: Q and K (2 rows x 3 cols each, one block each), then V's 2 rows one block each
+    assert neox.kind_runs() == [("head", 12, 2), ("row", 6, 2)] * 2
+    paper = ParamBlocks("qkv", (12, 3), ((head, 2), (head, 2), (BlockSpec("tensor"), 2)), repeat=2)
+    assert paper.kind_runs() == [("head", 12, 2), ("tensor", 12, 1), ("head", 12, 2)]
+    bank = ParamBlocks("experts", (3, 4, 5), ((head, 4),), bank_dims=1)
+    assert bank.kind_runs() == [("head", 60, 6)]
+    assert ParamBlocks.single("b", (7,), BlockSpec("full")).kind_runs() == [("full", 7, 7)]
+    for entry in (neox, paper, bank):
+        assert sum(numel for _, numel, _ in entry.kind_runs()) == entry.numel
+        assert sum(entries for _, _, entries in entry.kind_runs()) == entry.state_numel

@@ -248,11 +248,11 @@ def loader(n: int, world: int, rank: int) -> torch.utils.data.DataLoader:
 def trainer(world: int, *, strategy: Any = "default", **kwargs: Any) -> L.Trainer:
     if strategy == "default":
         strategy = LowMemFSDPStrategy(timeout=PG_TIMEOUT)
+    kwargs.setdefault("logger", False)
     return L.Trainer(
         accelerator="cpu",
         devices=world,
         strategy=strategy if strategy is not None else "auto",
-        logger=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", [])),
         enable_progress_bar=False,
         enable_model_summary=False,

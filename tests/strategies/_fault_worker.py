@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from _dist_worker import EPOCH_STEPS, GLOBAL_BATCH, PG_TIMEOUT, Net, Results, loader, trainer  # noqa: E402
+from lightning_lowmem.callbacks import LossSpikeMonitor
 from lightning_lowmem.strategies import LowMemFSDPStrategy, load_weights
 from lightning_lowmem.strategies.atomic import STAGE_HOOKS
 
@@ -157,6 +159,14 @@ def run_check(out: Path, rank: int) -> None:
         )
         res.fact(f"nan-{action}-finite", all(torch.isfinite(p.full_tensor()).all().item() for p in model.parameters()))
         res.fact(f"nan-{action}-step", model.trainer.global_step)
+    # LossSpikeMonitor skips non-finite steps itself: the strategy's default leaves the step to it
+    model = NaNAtStep(bad_step=2)
+    monitor = LossSpikeMonitor(action="log")  # within its warmup only a non-finite step is a spike
+    res.error("nan-monitor", lambda: trainer(WORLD, strategy=strategy("dcp"), max_steps=4, callbacks=[monitor],
+                                                 logger=CSVLogger(out / "nan-monitor-logs")).fit(
+        model, loader(4 * GLOBAL_BATCH, WORLD, rank)))
+    res.fact("nan-monitor-finite", all(torch.isfinite(p.full_tensor()).all().item() for p in model.parameters()))
+    res.fact("nan-monitor-events", [(e["step"], e["action"]) for e in monitor.events])
     model = NaNAtStep(bad_step=2)
     trainer(WORLD, strategy=strategy("dcp", nonfinite_loss="ignore"), max_steps=4).fit(model, loader(4 * GLOBAL_BATCH, WORLD, rank))
     res.fact("nan-ignore-finite", all(torch.isfinite(p.full_tensor()).all().item() for p in model.parameters()))

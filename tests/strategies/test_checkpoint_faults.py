@@ -207,6 +207,13 @@ def test_nan_loss_skipped_leaves_finite_weights(runs):
     assert facts["nan-skip"] is None and facts["nan-skip-finite"] and facts["nan-skip-step"] == 4
 
 
+def test_nan_loss_left_to_loss_spike_monitor(runs):
+    """With LossSpikeMonitor (skip_nonfinite) the strategy's default does not raise: the monitor skips the step."""
+    _, _, facts = runs
+    assert facts["nan-monitor"] is None and facts["nan-monitor-finite"]
+    assert facts["nan-monitor-events"] == [[2, "skip"]]
+
+
 def test_nan_loss_ignored_reaches_the_weights(runs):
     """What the guard prevents: with nonfinite_loss='ignore' one NaN batch makes the weights NaN."""
     _, _, facts = runs
