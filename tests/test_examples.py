@@ -1,5 +1,6 @@
 """Run the example script and the state-memory benchmark end to end, as a user would."""
 
+import importlib.util
 import inspect
 import json
 import math
@@ -126,12 +127,17 @@ def test_callback_overhead_benchmark_measures_every_callback():
 def test_state_memory_benchmark_meets_targets():
     out, _ = run_script("benchmarks/state_memory.py", "--json")
     rows = {row["optimizer"]: row for row in json.loads(out)}
-    assert set(rows) == {"AdamW", "AdamMini (adam_mini)", "AdamMini (adam_mini_paper)", "Eve", "MicroAdam"}
+    ours = {"AdamW", "AdamMini (adam_mini)", "AdamMini (adam_mini_paper)", "Eve", "MicroAdam", "AdamMini bf16 m",
+            "AdamMini int8 m", "AdamMini int4 m"}
+    peers = {"torchao AdamW8bit", "torchao AdamW4bit"} if importlib.util.find_spec("torchao") else set()
+    assert set(rows) == ours | peers
     assert all(row["params"] == 124_439_808 for row in rows.values())
     bpp = {name: row["bytes_per_param"] for name, row in rows.items()}
     assert round(bpp["AdamW"], 2) == 8.00
     assert bpp["AdamMini (adam_mini)"] <= 4.05
     assert bpp["Eve"] <= 4.10
     assert bpp["MicroAdam"] <= 1.00
+    # issue 17: momentum codes, scales, v and step counted
+    assert bpp["AdamMini bf16 m"] <= 2.05 and bpp["AdamMini int8 m"] <= 1.05 and bpp["AdamMini int4 m"] <= 0.55
     # The paper's preset keeps both embeddings elementwise: 4 + 4 * (50257 + 1024) * 768 / params.
     assert abs(bpp["AdamMini (adam_mini_paper)"] - (4 + 4 * 51281 * 768 / 124_439_808)) < 0.01

@@ -124,8 +124,8 @@ class MomentumFormat(NamedTuple):
         )
 
 
-def random_bits(seed: int, index: Tensor) -> Tensor:
-    """32 pseudo-random bits per entry of the int64 ``index``, a hash of ``(seed, index mod 2**32)``.
+def random_bits(seed: int, index: Tensor | int) -> Tensor | int:
+    """32 pseudo-random bits per entry of the int64 ``index`` (or of an int), a hash of ``(seed, index mod 2**32)``.
 
     Counter-based, so every backend draws the same bits for an entry, whatever the order.
     """
@@ -137,7 +137,7 @@ def random_bits(seed: int, index: Tensor) -> Tensor:
 
 def step_seed(tensor_seed: int, step: float) -> int:
     """The 32-bit seed of a tensor's stochastic rounding at ``step``: a new stream every step."""
-    return int(random_bits(tensor_seed, torch.tensor(int(step))).item())
+    return random_bits(tensor_seed, int(step))
 
 
 def stochastic_round_bf16(x: Tensor, seed: int) -> Tensor:
