@@ -164,7 +164,7 @@ def _estimate(name: str, config: ModelConfig, model: nn.Module, fmt: str, out: T
         return
     out.write(f"{name}: {describe_config(config)}\n")
     out.write(f"{rows[0].num_params:,} parameters (built on the meta device: nothing allocated or downloaded)\n")
-    out.write("Optimizer state, float32, GB = 1e9 bytes:\n\n")
+    out.write("Optimizer state (float32 where the row names no other format), GB = 1e9 bytes:\n\n")
     out.write(_estimate_table(rows) + "\n")
     if note:
         out.write("\n" + _format_note(note) + "\n")
