@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -108,9 +109,6 @@ def block_adam_rows_(
         raise RuntimeError(f"The C kernel block_adam_rows is not available here: {rows_kernel_build().problem}")
     items = list(zip(params, grads, exp_avgs, exp_avg_sqs, row_denoms, rows_per_block, transposed))
     shapes = [(*(p.shape[::-1] if t else p.shape), max(k, 1)) for p, k, t in zip(params, rows_per_block, transposed)]
-    shares = _split_rows(shapes, torch.get_num_threads())
-    if not shares:
-        return
     # 1 - beta in double, as torch.optim does: in fp32, 1 - 0.999 would be 1.3e-5 off
     scalars = (decay, step_size, bias_correction2_sqrt, 1 - beta1, beta2, 1 - beta2, eps, int(maximize))
 
@@ -118,11 +116,25 @@ def block_adam_rows_(
         if kernel(*_share_arguments(items, share), *scalars) != 0:
             raise MemoryError("The C kernel block_adam_rows could not allocate its scratch row.")
 
+    run_on_threads(shapes, run)
+
+
+def run_on_threads(shapes: list[tuple[int, int, int]], run: Callable[[list[_Slice]], None]) -> None:
+    """Split the rows of ``shapes`` (``(rows, cols, rows per block)`` per item, blocks kept whole)
+    between ``torch.get_num_threads()`` threads by entry count and call ``run(share)`` once per
+    share, the first on this thread. The C kernels release the GIL, so the shares run in parallel;
+    an error in any share is raised here after all have finished.
+    """
+    shares = _split_rows(shapes, torch.get_num_threads())
+    if not shares:
+        return
     pool = _pool(len(shares) - 1)
     futures = [pool.submit(run, share) for share in shares[1:]] if pool is not None else []
-    run(shares[0])
-    for future in futures:
-        future.result()
+    try:
+        run(shares[0])
+    finally:
+        for future in futures:
+            future.result()
 
 
 def _share_arguments(items: list[tuple], share: list[_Slice]) -> tuple:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_lowmem.kernels.backends import Unavailable
 from lightning_lowmem.kernels.block_adam import block_mean_sq, row_denominators_
-from lightning_lowmem.kernels.block_adam_cpu import _pool, _split_rows
+from lightning_lowmem.kernels.block_adam_cpu import run_on_threads
 from lightning_lowmem.kernels.block_adam_native import block_segments
 from lightning_lowmem.kernels.layout import RowLayout, as_rows
 from lightning_lowmem.kernels.momentum_formats import INT4_CODE_BOOK, INT4_MIDPOINTS, MomentumFormat, QuantizedMomentum
@@ -117,7 +117,6 @@ def _items(param: Tensor, grad: Tensor, exp_avg: QuantizedMomentum, exp_avg_sq: 
 
 def _run(fmt: MomentumFormat, items: list[tuple], hparams: dict[str, Any]) -> None:
     shapes = [(p.shape[0], p.shape[1], max(mode, 1)) for p, _, _, _, _, _, mode, _, _ in items]
-    shares = _split_rows(shapes, torch.get_num_threads())
     book, mids = _code_book()
     lr, weight_decay = hparams["lr"], hparams["weight_decay"]
     scalars = (float(1 - lr * weight_decay), float(hparams["step_size"]), float(hparams["bias_correction2_sqrt"]),
@@ -129,12 +128,7 @@ def _run(fmt: MomentumFormat, items: list[tuple], hparams: dict[str, Any]) -> No
         if kernel(*_share_arguments(items, share, fmt), *scalars) != 0:
             raise MemoryError("The C kernel block_adam_quantized could not allocate its scratch block.")
 
-    pool = _pool(len(shares) - 1)
-    futures = [pool.submit(run, share) for share in shares[1:]] if pool is not None else []
-    if shares:
-        run(shares[0])
-    for future in futures:
-        future.result()
+    run_on_threads(shapes, run)
 
 
 def _share_arguments(items: list[tuple], share: list, fmt: MomentumFormat) -> tuple:
