@@ -201,15 +201,21 @@ static inline __attribute__((always_inline)) void int8_block(
 }
 
 /* g_ahead: where the gradients of the next row block start (or NULL), the ones its sum(g^2) will stream
- * alone before its update; prefetching them here, a block's worth per block, overlaps that read with
- * this row's traffic. */
+ * alone before its update; p_ahead: the parameters of the next row (or NULL), whose codes follow this
+ * row's. Prefetching them here, a block's worth per block, overlaps those reads with this row's
+ * traffic: measured, the loads of p and g, not the arithmetic, were where the loop waited. */
 static void update_row_int8(float *p, const float *g, int8_t *codes, float *scales, float *v, const float *col_scales,
-                            float scale, int64_t cols, const float *g_ahead, float *m, const hparams *h) {
+                            float scale, int64_t cols, const float *g_ahead, const float *p_ahead, float *m,
+                            const hparams *h) {
     const int64_t qblock = h->qblock;
     for (int64_t c0 = 0, b = 0; c0 < cols; c0 += qblock, ++b) {
         const int64_t n = c0 + qblock < cols ? qblock : cols - c0;
         if (g_ahead != NULL)
-            for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(g_ahead + c0 + j, 0, 2); /* 16 floats: a cache line */
+            for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(g_ahead + c0 + j, 0, 2); /* 16 floats: a line */
+        if (p_ahead != NULL) {
+            for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p_ahead + c0 + j, 1, 2);
+            for (int64_t j = 0; j < n; j += 64) __builtin_prefetch(codes + cols + c0 + j, 1, 2); /* 64 codes: a line */
+        }
         if (v != NULL)
             int8_block(p + c0, g + c0, codes + c0, scales + b, v + c0, NULL, scale, n, m, h, S_ELEMENTWISE);
         else if (col_scales != NULL)
@@ -289,7 +295,8 @@ int32_t lowmem_block_adam_quantized(
                 if (format == FORMAT_INT8) {
                     update_row_int8(p + r * cols, g + r * cols, (int8_t *)codes[item] + r * cols, s + r * n_blocks,
                                     mode == 0 ? v + r * cols : NULL, col_scales, scale, cols,
-                                    mode >= 1 && r0 + k < rows ? g + (r + k) * cols : NULL, m, &h);
+                                    mode >= 1 && r0 + k < rows ? g + (r + k) * cols : NULL,
+                                    r + 1 < rows ? p + (r + 1) * cols : NULL, m, &h);
                     continue;
                 }
                 update_row(p + r * cols, g + r * cols, code_row(codes[item], r, cols, format), s ? s + r * n_blocks : NULL,
