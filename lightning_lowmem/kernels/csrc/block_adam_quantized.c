@@ -20,7 +20,8 @@
  *   -1:     the caller's denominators sqrt(v_hat) + eps, one per row;
  *   -2:     the caller's denominators, one per column (rows of a transposed GPT-2 Conv1D weight).
  *
- * Plain C99 with `#pragma omp simd` (no OpenMP runtime): the caller splits rows between threads.
+ * C99 with `#pragma omp simd` (no OpenMP runtime) and two GCC/Clang extensions, always_inline and
+ * __builtin_prefetch (the compilers native.py builds with): the caller splits rows between threads.
  */
 #include <math.h>
 #include <stddef.h>
