@@ -3,7 +3,7 @@
  * blockwise int8/int4 codes, for CPUs: one pass over p, g and the codes per step.
  *
  * For each quantization block (qblock consecutive entries of one row; the last one of a row may be
- * shorter) the kernel decodes m into a scratch block, updates
+ * shorter) the kernel decodes m into a scratch block (int8: inside the update loop), updates
  *
  *     m <- m + (1 - beta1) * (g - m)
  *     p <- p * decay + s * m                       (s = -step_size / (sqrt(v_hat) + eps))
@@ -20,7 +20,8 @@
  *   -1:     the caller's denominators sqrt(v_hat) + eps, one per row;
  *   -2:     the caller's denominators, one per column (rows of a transposed GPT-2 Conv1D weight).
  *
- * Plain C99 with `#pragma omp simd` (no OpenMP runtime): the caller splits rows between threads.
+ * C99 with `#pragma omp simd` (no OpenMP runtime) and two GCC/Clang extensions, always_inline and
+ * __builtin_prefetch (the compilers native.py builds with): the caller splits rows between threads.
  */
 #include <math.h>
 #include <stddef.h>
@@ -60,24 +61,28 @@ static double sum_sq(const float *g, int64_t n) {
     return total;
 }
 
-static void decode_block(float *m, const void *codes, const float *scales, int64_t c0, int64_t n, const hparams *h) {
+/* code: scratch of n + 1 bytes for int4 codes after they are unpacked */
+static void decode_block(float *restrict m, uint8_t *restrict code, const void *codes, const float *scales, int64_t c0,
+                         int64_t n, const hparams *h) {
     if (h->format == FORMAT_BF16) {
         const uint16_t *c = (const uint16_t *)codes + c0;
         for (int64_t j = 0; j < n; ++j) {
             uint32_t bits = (uint32_t)c[j] << 16;
             memcpy(&m[j], &bits, sizeof bits);
         }
-    } else if (h->format == FORMAT_INT8) {
-        const int8_t *c = (const int8_t *)codes + c0;
-        const float scale = scales[c0 / h->qblock];
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) m[j] = (float)c[j] * scale;
     } else { /* c0 is even: the block starts at a byte */
         const uint8_t *c = (const uint8_t *)codes + c0 / 2;
         const float *book = h->book;
         const float scale = scales[c0 / h->qblock];
+        /* unpack the nibbles first, then look the codes up: two loops that vectorize (a gather) where one
+         * indexing the bytes by j / 2 does not */
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) m[j] = book[(c[j >> 1] >> ((j & 1) * 4)) & 0xF] * scale;
+        for (int64_t j = 0; j < (n + 1) / 2; ++j) {
+            code[2 * j] = c[j] & 0xF;
+            code[2 * j + 1] = c[j] >> 4;
+        }
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) m[j] = book[code[j]] * scale;
     }
 }
 
@@ -94,20 +99,13 @@ static void encode_block(const float *m, float absmax, uint8_t *code, void *code
         }
         return;
     }
-    if (h->format == FORMAT_INT8) {
-        int8_t *c = (int8_t *)codes + c0;
-        const float inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
-        /* floor(y + 0.5) for y in [-127, 127], as a truncation of a positive value (vectorizes) */
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) c[j] = (int8_t)((int32_t)(m[j] * inverse + 127.5f) - 127);
-        scales[c0 / h->qblock] = absmax / 127.0f;
-        return;
-    }
     uint8_t *c = (uint8_t *)codes + c0 / 2;
-    const float *mids = h->mids;
+    /* a local copy of the midpoints with a constant count: the compiler unrolls the count over them
+     * and vectorizes the loop over j */
+    float mids[INT4_CODES - 1];
+    memcpy(mids, h->mids, sizeof mids);
     const float inverse = absmax > 0.0f ? 1.0f / absmax : 0.0f;
     code[n] = INT4_CODES / 2; /* the code of 0: the padding nibble of an odd row */
-#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
         const float y = m[j] * inverse;
         int32_t q = 0;
@@ -127,7 +125,7 @@ static void update_row(float *p, const float *g, void *codes, float *scales, flo
     const float omb1 = h->one_minus_beta1, sign = h->grad_sign, decay = h->decay;
     for (int64_t c0 = 0; c0 < cols; c0 += h->qblock) {
         const int64_t n = c0 + h->qblock < cols ? h->qblock : cols - c0;
-        decode_block(m, codes, scales, c0, n, h);
+        decode_block(m, code, codes, scales, c0, n, h);
         float *pb = p + c0;
         const float *gb = g + c0;
         float absmax = 0.0f; /* of the new m, for its scale */
@@ -163,6 +161,68 @@ static void update_row(float *p, const float *g, void *codes, float *scales, flo
             }
         }
         encode_block(m, absmax, code, codes, scales, c0, n, seed, index + (uint64_t)c0, h);
+    }
+}
+
+/* Where an int8 row's s comes from: a compile-time constant of int8_block, so that each of its
+ * callers gets a loop without a branch on it. */
+enum { S_ROW, S_COLUMN, S_ELEMENTWISE };
+
+/* One int8 block of n entries: decode (a multiply by the old scale), update and the absmax of the new
+ * m in one loop that keeps the new m in the L1 scratch m, then the encode loop. Decoding inside the
+ * update loop saves a store and a load of the scratch per entry against decode_block. */
+static inline __attribute__((always_inline)) void int8_block(
+    float *restrict pb, const float *restrict gb, int8_t *restrict c, float *restrict scale_b, float *restrict vb,
+    const float *restrict sb, float scale, int64_t n, float *restrict m, const hparams *h, const int source) {
+    const float omb1 = h->one_minus_beta1, sign = h->grad_sign, decay = h->decay, old_scale = *scale_b;
+    const float beta2 = h->beta2, omb2 = h->one_minus_beta2, step_size = h->step_size;
+    const float bc2 = h->bias_correction2_sqrt, eps = h->eps;
+    float absmax = 0.0f;
+#pragma omp simd reduction(max : absmax)
+    for (int64_t j = 0; j < n; ++j) {
+        const float m_old = (float)c[j] * old_scale;
+        const float m_new = m_old + omb1 * (sign * gb[j] - m_old);
+        absmax = fabsf(m_new) > absmax ? fabsf(m_new) : absmax;
+        m[j] = m_new;
+        if (source == S_ELEMENTWISE) {
+            const float v_new = beta2 * vb[j] + omb2 * gb[j] * gb[j];
+            vb[j] = v_new;
+            pb[j] = pb[j] * decay - step_size * m_new / (sqrtf(v_new) / bc2 + eps);
+        } else if (source == S_COLUMN) {
+            pb[j] = pb[j] * decay + sb[j] * m_new;
+        } else {
+            pb[j] = pb[j] * decay + scale * m_new;
+        }
+    }
+    const float inverse = absmax > 0.0f ? 127.0f / absmax : 0.0f;
+    /* floor(y + 0.5) for y in [-127, 127], as a truncation of a positive value (vectorizes) */
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) c[j] = (int8_t)((int32_t)(m[j] * inverse + 127.5f) - 127);
+    *scale_b = absmax / 127.0f;
+}
+
+/* g_ahead: where the gradients of the next row block start (or NULL), the ones its sum(g^2) will stream
+ * alone before its update; p_ahead: the parameters of the next row (or NULL), whose codes follow this
+ * row's. Prefetching them here, a block's worth per block, overlaps those reads with this row's
+ * traffic: measured, the loads of p and g, not the arithmetic, were where the loop waited. */
+static void update_row_int8(float *p, const float *g, int8_t *codes, float *scales, float *v, const float *col_scales,
+                            float scale, int64_t cols, const float *g_ahead, const float *p_ahead, float *m,
+                            const hparams *h) {
+    const int64_t qblock = h->qblock;
+    for (int64_t c0 = 0, b = 0; c0 < cols; c0 += qblock, ++b) {
+        const int64_t n = c0 + qblock < cols ? qblock : cols - c0;
+        if (g_ahead != NULL)
+            for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(g_ahead + c0 + j, 0, 2); /* 16 floats: a line */
+        if (p_ahead != NULL) {
+            for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p_ahead + c0 + j, 1, 2);
+            for (int64_t j = 0; j < n; j += 64) __builtin_prefetch(codes + cols + c0 + j, 1, 2); /* 64 codes: a line */
+        }
+        if (v != NULL)
+            int8_block(p + c0, g + c0, codes + c0, scales + b, v + c0, NULL, scale, n, m, h, S_ELEMENTWISE);
+        else if (col_scales != NULL)
+            int8_block(p + c0, g + c0, codes + c0, scales + b, NULL, col_scales + c0, scale, n, m, h, S_COLUMN);
+        else
+            int8_block(p + c0, g + c0, codes + c0, scales + b, NULL, NULL, scale, n, m, h, S_ROW);
     }
 }
 
@@ -233,6 +293,13 @@ int32_t lowmem_block_adam_quantized(
                 scale = -step_size / denom[r0];
             }
             for (int64_t r = r0; r < r0 + k; ++r) {
+                if (format == FORMAT_INT8) {
+                    update_row_int8(p + r * cols, g + r * cols, (int8_t *)codes[item] + r * cols, s + r * n_blocks,
+                                    mode == 0 ? v + r * cols : NULL, col_scales, scale, cols,
+                                    mode >= 1 && r0 + k < rows ? g + (r + k) * cols : NULL,
+                                    r + 1 < rows ? p + (r + 1) * cols : NULL, m, &h);
+                    continue;
+                }
                 update_row(p + r * cols, g + r * cols, code_row(codes[item], r, cols, format), s ? s + r * n_blocks : NULL,
                            mode == 0 ? v + r * cols : NULL, col_scales, scale, cols, seed,
                            base + (uint64_t)(r * cols), m, code, &h);
