@@ -6,12 +6,11 @@ r"""``BlockAdam``: AdamW whose second moment is shared within the blocks of a :c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -168,9 +167,10 @@ class BlockAdam(LowMemOptimizer):
         found: list[ParamBlocks] = []
         model = self.bound_model
         if model is not None:
-            with warnings.catch_warnings(), _trainable(p for _, p in missing):
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # the model's fallbacks were reported when first planned
-                structural = build_plan(model, self.preset, _rules_for(self.rules, [n for n, _ in missing]))
+                structural = build_plan(model, self.preset, _rules_for(self.rules, [n for n, _ in missing]),
+                                        include_frozen=True)
             found = [structural[n] for n, _ in missing if n in structural]
         rest = [(n, p.shape) for n, p in missing if all(e.name != n and n not in e.aliases for e in found)]
         if rest:
@@ -422,19 +422,6 @@ def _named_parameters_of(groups: list[dict[str, Any]], owner: str) -> list[tuple
                 )
             named.append(item)
     return named
-
-
-@contextlib.contextmanager
-def _trainable(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Mark ``params`` trainable while the block partitioner (which plans trainable parameters only) runs."""
-    frozen = [p for p in params if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
 
 
 def _rules_for(rules: Any, names: list[str]) -> list[tuple[re.Pattern[str], Any]] | None:

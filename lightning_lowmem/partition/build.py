@@ -64,14 +64,17 @@ class Rule:
         return any(self.regex.search(name) for name in (info.name, *info.aliases))
 
 
-def build_plan(model: nn.Module, preset: str = "adam_mini", rules: Rules | None = None) -> BlockPlan:
+def build_plan(
+    model: nn.Module, preset: str = "adam_mini", rules: Rules | None = None, *, include_frozen: bool = False
+) -> BlockPlan:
     """Decide the second-moment blocks of every trainable parameter of ``model``.
 
     Each parameter gets a role from the model's structure (attention Q/K/V, fused QKV, MLP, embedding,
     output head, norm, bias, ...), the preset maps the role to a block kind, and the first user rule
     whose regex matches the parameter's name (or a tied alias) replaces the preset's choice for the
     whole parameter. Only global shapes are read: the model may be on the meta device or sharded with
-    FSDP2. Frozen parameters get no entry; a tied weight gets one entry, its other names are aliases.
+    FSDP2. Frozen parameters get no entry unless ``include_frozen`` (an optimizer planning a layer it
+    will train once unfrozen); a tied weight gets one entry, its other names are aliases.
 
     Parameters the structure does not explain (role ``"other"``, or a fused projection whose head counts
     do not fit) get the preset's fallback and are named together in one ``UserWarning``.
@@ -82,6 +85,7 @@ def build_plan(model: nn.Module, preset: str = "adam_mini", rules: Rules | None 
             ``"adam_mini_paper"`` (the paper's Algorithms 2-4) or ``"eve"``.
         rules: ``{regex: spec}`` or ``[(regex, spec), ...]``, tried in order; a spec is
             ``"full"``, ``"row"``, ``"tensor"``, ``"head:<head_dim>"``, a mapping or a :class:`BlockSpec`.
+        include_frozen: plan parameters with ``requires_grad=False`` too.
 
     Returns:
         The :class:`BlockPlan`, titled with the preset's name.
@@ -105,8 +109,8 @@ def build_plan(model: nn.Module, preset: str = "adam_mini", rules: Rules | None 
     """
     table = get_preset(preset)
     compiled = compile_rules(rules)
-    infos = describe_parameters(model)
-    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    infos = describe_parameters(model, include_frozen=include_frozen)
+    frozen = [] if include_frozen else [name for name, param in model.named_parameters() if not param.requires_grad]
     plan, fallbacks = _assemble(infos, table, compiled, frozen)
     if fallbacks:
         warnings.warn(_fallback_message(fallbacks, "build_plan"), UserWarning, stacklevel=2)

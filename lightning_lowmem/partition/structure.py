@@ -196,14 +196,15 @@ def _find_output_heads(model: nn.Module, modules: dict[str, nn.Module]) -> set[i
     return {id(heads[-1])} if heads else set()
 
 
-def describe_parameters(model: nn.Module) -> list[ParamInfo]:
+def describe_parameters(model: nn.Module, *, include_frozen: bool = False) -> list[ParamInfo]:
     """Describe every trainable parameter of ``model``, in ``named_parameters()`` order.
 
-    Frozen parameters (``requires_grad=False``) are left out. A tensor registered under several
+    Frozen parameters (``requires_grad=False``) are left out unless ``include_frozen``. A tensor registered under several
     names (tied weights) is described once under its first name, the others are its ``aliases``.
 
     Args:
         model: any ``nn.Module``, on any device (``meta`` included), sharded with FSDP2 or not.
+        include_frozen: describe parameters with ``requires_grad=False`` too.
 
     Returns:
         One :class:`ParamInfo` per trainable tensor.
@@ -219,7 +220,7 @@ def describe_parameters(model: nn.Module) -> list[ParamInfo]:
 
     infos = []
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not (param.requires_grad or include_frozen):
             continue
         all_names = names[id(param)]
         aliases = tuple(n for n in all_names if n != name)

@@ -194,6 +194,16 @@ def test_frozen_parameters_get_no_entry() -> None:
     assert "h.0.attn.c_attn.weight" in plan
 
 
+def test_include_frozen_plans_frozen_layers_from_their_structure() -> None:
+    """A frozen layer is planned like its trainable twin (fused QKV by head), and stays frozen."""
+    model = TinyGPT()
+    model.h[1].requires_grad_(False)
+    plan = build_plan(model, include_frozen=True)
+    assert plan["h.1.attn.c_attn.weight"].segments == plan["h.0.attn.c_attn.weight"].segments
+    assert plan["h.1.attn.c_attn.weight"].kind == "mixed"
+    assert not any(p.requires_grad for p in model.h[1].parameters())
+
+
 # ------------------------------------------------------------------------------------------------
 # Rules
 
