@@ -15,8 +15,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: the state key of the per-block scales of int8/int4 momentum.
 SCALE_KEY = "exp_avg_scale"
+#: the param-group keys that describe how the momentum is stored, with their values when absent
+#: (a checkpoint written before they existed holds momentum in the parameter's dtype).
+FORMAT_DEFAULTS = {"exp_avg_dtype": "fp32", "exp_avg_block": DEFAULT_BLOCK}
 
 
 def group_format(group: dict[str, Any], param: Tensor, banked: bool = False) -> MomentumFormat | None:
@@ -68,13 +73,13 @@ def check_momentum_state(name: str, param: Tensor, fmt: MomentumFormat | None, s
     return {"exp_avg": codes_shape} if scales_shape is None else {"exp_avg": codes_shape, SCALE_KEY: scales_shape}
 
 
-def convert_momentum_(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+def convert_momentum_(optimizer: Any, state_dict: dict[str, Any], level: int = logging.INFO) -> dict[str, Any]:
     """``state_dict`` with every momentum saved in another format re-encoded in the optimizer's.
 
     Each group's saved ``exp_avg_dtype``/``exp_avg_block`` is compared with the optimizer's; where
     they differ, every saved momentum is decoded to fp32 and encoded again (one log line for the
-    whole load). The saved groups then carry the optimizer's formats. Returns a new dict; the
-    input is left as it is.
+    whole load, at ``level``). The saved groups then carry the optimizer's formats. Returns a new
+    dict; the input is left as it is.
 
     Raises:
         ValueError: a saved momentum whose keys, shapes or dtypes do not fit its saved format.
@@ -85,8 +90,7 @@ def convert_momentum_(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, A
     saved_state = dict(state_dict.get("state", {}))
     groups, converted, changes = [], [], set()
     for saved_group, group in zip(saved_groups, optimizer.param_groups):
-        formats = {k: saved_group.get(k, default) for k, default in (("exp_avg_dtype", "fp32"), ("exp_avg_block", DEFAULT_BLOCK))}
-        ours = {k: group[k] for k in formats}
+        formats, ours = group_formats(saved_group), group_formats(group)
         groups.append({**saved_group, **ours})
         if formats == ours:
             continue
@@ -100,9 +104,68 @@ def convert_momentum_(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, A
                 converted.append(name)
                 changes.add(f"{_label(old)} -> {_label(new)}")
     if converted:
-        log.info("Converted the saved momentum of %d tensors to this optimizer's exp_avg_dtype: %s.",
-                 len(converted), ", ".join(sorted(changes)))
+        log.log(level, "Converted the saved momentum of %d tensors to this optimizer's exp_avg_dtype: %s.",
+                len(converted), ", ".join(sorted(changes)))
     return {**state_dict, "state": saved_state, "param_groups": groups}
+
+
+def group_formats(group: dict[str, Any]) -> dict[str, Any]:
+    """The momentum format keys of a (saved) param group: ``{"exp_avg_dtype": ..., "exp_avg_block": ...}``."""
+    return {key: group.get(key, default) for key, default in FORMAT_DEFAULTS.items()}
+
+
+def stores_momentum_formats(optimizer: Any) -> bool:
+    """Whether ``optimizer``'s param groups say how its momentum is stored (AdamMini, Eve)."""
+    return bool(optimizer.param_groups) and all("exp_avg_dtype" in group for group in optimizer.param_groups)
+
+
+@contextlib.contextmanager
+def saved_momentum_formats(optimizer: Any, saved_groups: Sequence[dict[str, Any]] | None) -> Iterator[None]:
+    """Within the block, ``optimizer`` stores its momentum as the checkpoint's ``saved_groups`` do.
+
+    A checkpoint loaded by ``torch.distributed.checkpoint`` is read into a template built from the
+    live optimizer (``get_optimizer_state_dict``): its keys, shapes and dtypes must be the saved ones.
+    On entry each group takes the saved ``exp_avg_dtype``/``exp_avg_block`` and the live state (if
+    any) is re-encoded in them; on exit the optimizer's own formats come back and the state (loaded
+    in the block) is converted to them, with one log line, as :meth:`load_state_dict` does for a
+    state dict. Does nothing for an optimizer without momentum formats, for groups that do not match
+    in number (loading reports it), or when the formats are the same. If the block raises, the
+    optimizer's formats come back and its state is dropped (it may be half loaded).
+
+    Example::
+
+        >>> with saved_momentum_formats(optimizer, saved_param_groups):
+        ...     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the saved layout
+        ...     dcp.load(state, checkpoint_id=path)
+        ...     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    """
+    if (saved_groups is None or not stores_momentum_formats(optimizer)
+            or len(saved_groups) != len(optimizer.param_groups)):
+        yield
+        return
+    ours = [group_formats(group) for group in optimizer.param_groups]
+    theirs = [group_formats(group) for group in saved_groups]
+    if ours == theirs:
+        yield
+        return
+    _reformat_(optimizer, theirs, level=logging.DEBUG)
+    try:
+        yield
+    except BaseException:
+        for group, formats in zip(optimizer.param_groups, ours):
+            group.update(formats)
+        optimizer.state.clear()
+        raise
+    _reformat_(optimizer, ours, level=logging.INFO)
+
+
+def _reformat_(optimizer: Any, formats: list[dict[str, Any]], level: int) -> None:
+    """Give ``optimizer``'s groups ``formats`` and re-encode its live state in them."""
+    state_dict = optimizer.state_dict()
+    for group, new in zip(optimizer.param_groups, formats):
+        group.update(new)
+    if state_dict["state"]:
+        optimizer.load_state_dict(convert_momentum_(optimizer, state_dict, level))  # already in the new formats
 
 
 def _convert(name: str, param: Tensor, state: dict[str, Any], old: MomentumFormat | None,

@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,29 @@ def shapes_of_directory(path: Path, live_names: Sequence[str]) -> CheckpointShap
         states.append(per_param)
     meta = torch.load(path / LIGHTNING_METADATA, map_location="cpu", weights_only=False)
     return CheckpointShapes(weights, states, meta.get(OPTIMIZER_CLASSES_KEY))
+
+
+def param_groups_of_directory(path: Path) -> list[list[dict[str, Any]]]:
+    """Each optimizer's saved param groups (hyperparameters, no tensors) in a sharded checkpoint.
+
+    ``torch.distributed.checkpoint`` stores them as small pickled entries
+    ``optimizer_<i>.param_groups.<j>.<key>``; only those are read, by this process alone.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path))
+    entries = reader.read_metadata().state_dict_metadata
+    found = {key: None for key, md in entries.items() if ".param_groups." in key and not hasattr(md, "size")}
+    if not found:
+        return []
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(found, storage_reader=reader, no_dist=True)
+    optimizers: dict[int, dict[int, dict[str, Any]]] = {}
+    for key, value in found.items():
+        optimizer, _, group, name = key.split(".", 3)
+        optimizers.setdefault(int(optimizer.removeprefix("optimizer_")), {}).setdefault(int(group), {})[name] = value
+    return [[groups[j] for j in sorted(groups)] for _, groups in sorted(optimizers.items())]
 
 
 def shapes_of_file(checkpoint: dict[str, Any], module: nn.Module) -> CheckpointShapes:

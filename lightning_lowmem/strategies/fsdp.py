@@ -21,6 +21,7 @@ the user shards the model in ``configure_model``. This subclass adds, for data p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -40,12 +41,14 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.optim import Optimizer
 
+from lightning_lowmem.optim.momentum_state import saved_momentum_formats
 from lightning_lowmem.strategies.atomic import clean_leftovers, discard, fsync, partial_path, reached
 from lightning_lowmem.strategies.checkpoint import check_optimizer_state, parameter_names
 from lightning_lowmem.strategies.compatibility import (
     OPTIMIZER_CLASSES_KEY,
     check_resumable,
     optimizer_classes,
+    param_groups_of_directory,
     shapes_of_directory,
     shapes_of_file,
     shapes_of_run,
@@ -420,6 +423,9 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Check the checkpoint (complete, intact, fits the model and optimizers), then load it.
 
+        AdamMini/Eve momentum saved in another ``exp_avg_dtype`` is read in its saved format and
+        converted to the run's (:func:`~lightning_lowmem.optim.momentum_state.saved_momentum_formats`).
+
         Raises:
             CheckpointError: on every rank, naming the path and what is missing, damaged or different.
         """
@@ -430,13 +436,19 @@ class LowMemFSDPStrategy(ModelParallelStrategy):
         if found:
             raise checkpoint_error(path, list(dict.fromkeys(found)))
         assert self.model is not None
-        run = shapes_of_run(self.model, self.optimizers)
-        if path.is_dir():
-            saved = shapes_of_directory(path, list(run.weights))
+        checkpoint = None if path.is_dir() else torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        if checkpoint is None:
+            saved_groups = param_groups_of_directory(path)
         else:
-            saved = shapes_of_file(torch.load(path, map_location="cpu", mmap=True, weights_only=False), self.model)
-        check_resumable(path, saved, run)
-        return super().load_checkpoint(path, weights_only=weights_only)
+            saved_groups = [state.get("param_groups") for state in checkpoint.get("optimizer_states", [])]
+        with contextlib.ExitStack() as formats:
+            # an AdamMini/Eve momentum saved in another exp_avg_dtype is read as saved, then converted
+            for optimizer, groups in zip(self.optimizers, saved_groups):
+                formats.enter_context(saved_momentum_formats(getattr(optimizer, "_optimizer", optimizer), groups))
+            run = shapes_of_run(self.model, self.optimizers)
+            saved = shapes_of_directory(path, list(run.weights)) if checkpoint is None else shapes_of_file(checkpoint, self.model)
+            check_resumable(path, saved, run)
+            return super().load_checkpoint(path, weights_only=weights_only)
 
     # ---- non-finite loss -----------------------------------------------------------------------
 

@@ -123,6 +123,50 @@ def test_a_checkpoint_of_another_momentum_dtype_is_converted_with_one_log_line(s
         assert (m - m_ref).abs().max() <= coarse * m_ref.abs().max() + 1e-12
 
 
+def test_saved_momentum_formats_holds_the_saved_format_within_and_converts_back_on_exit(caplog):
+    from lightning_lowmem.optim.momentum_state import saved_momentum_formats
+
+    model = Net()
+    saved = AdamMini(model, lr=1e-2, exp_avg_dtype="fp32", backend="torch")
+    _train(model, saved, _batches(3))
+    live = copy.deepcopy(model)
+    optimizer = AdamMini(live, lr=1e-2, exp_avg_dtype="int8", exp_avg_block=16, backend="torch")
+    _train(live, optimizer, _batches(1))  # live int8 state, re-encoded on entry
+    fc = live.fc.weight
+    with caplog.at_level(logging.INFO, logger="lightning_lowmem.optim.momentum_state"):
+        with saved_momentum_formats(optimizer, saved.state_dict()["param_groups"]):
+            assert [g["exp_avg_dtype"] for g in optimizer.param_groups] == ["fp32", "fp32"]
+            assert optimizer.state[fc]["exp_avg"].dtype == torch.float32 and "exp_avg_scale" not in optimizer.state[fc]
+            optimizer.load_state_dict(saved.state_dict())  # what a template of the saved layout is loaded with
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(lines) == 1 and "fp32 -> int8 (block 16)" in lines[0], lines
+    assert [g["exp_avg_dtype"] for g in optimizer.param_groups] == ["int8", "int8"]
+    state, reference = optimizer.state[fc], saved.state[model.fc.weight]
+    assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_scale"].shape == (200, 3)
+    assert torch.equal(state["exp_avg_sq"], reference["exp_avg_sq"]) and state["step"] == reference["step"]
+    m = optimizer.state_dict()  # decoded back through an fp32 optimizer: the saved momentum up to int8 rounding
+    probe_model = copy.deepcopy(model)
+    probe = AdamMini(probe_model, lr=1e-2, exp_avg_dtype="fp32", backend="torch")
+    probe.load_state_dict(m)
+    decoded = probe.state[probe_model.fc.weight]["exp_avg"]
+    assert (decoded - reference["exp_avg"]).abs().max() <= reference["exp_avg"].abs().max() / 254 + 1e-12
+
+
+def test_saved_momentum_formats_restores_the_formats_and_drops_the_state_if_loading_fails():
+    from lightning_lowmem.optim.momentum_state import saved_momentum_formats
+
+    model = Net()
+    optimizer = AdamMini(model, lr=1e-2, exp_avg_dtype="int8", backend="torch")
+    _train(model, optimizer, _batches(1))
+    with pytest.raises(RuntimeError, match="load failed"):
+        with saved_momentum_formats(optimizer, [{"exp_avg_dtype": "bf16"}, {"exp_avg_dtype": "bf16"}]):
+            assert optimizer.state[model.fc.weight]["exp_avg"].dtype == torch.bfloat16
+            raise RuntimeError("load failed")
+    assert [g["exp_avg_dtype"] for g in optimizer.param_groups] == ["int8", "int8"] and not optimizer.state
+    _train(model, optimizer, _batches(1))  # fresh int8 state
+    assert optimizer.state[model.fc.weight]["exp_avg"].dtype == torch.int8
+
+
 def test_a_momentum_that_does_not_fit_its_saved_dtype_is_refused():
     model = Net()
     optimizer = AdamMini(model, lr=1e-2, exp_avg_dtype="int8")
