@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_lowmem.optim.base import ModelNamedGroups, ParamsLike
-from lightning_lowmem.optim.block_adam import model_decay_groups
+from lightning_lowmem.optim.param_groups import model_decay_groups
 from lightning_lowmem.partition import NO_DECAY_ROLES
 
 

@@ -1,31 +1,36 @@
 r"""``BlockAdam``: AdamW whose second moment is shared within the blocks of a :class:`BlockPlan`.
 
 ``AdamMini`` and ``Eve`` are this optimizer with their presets and defaults; the math is in
-:mod:`lightning_lowmem.kernels.block_adam`.
+:mod:`lightning_lowmem.kernels.block_adam`. This module holds the optimizer class: its public API,
+its state and its step. It builds on
+:mod:`~lightning_lowmem.optim.param_groups` (names, plan coverage, decay groups),
+:mod:`~lightning_lowmem.optim.placement` (where a parameter's rows and state live) and
+:mod:`~lightning_lowmem.optim.step_batch` (the local tensors of one step), none of which imports it.
+``layout_for`` and ``model_decay_groups`` are importable from here as before.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import re
-import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_lowmem.kernels import RowLayout, check_backend, state_dtype
-from lightning_lowmem.kernels.block_adam import block_mean_sq
-from lightning_lowmem.kernels.momentum_formats import DEFAULT_BLOCK, MomentumFormat, QuantizedMomentum
+from lightning_lowmem.kernels import check_backend, state_dtype
+from lightning_lowmem.kernels.momentum_formats import DEFAULT_BLOCK, MomentumFormat
 from lightning_lowmem.optim.base import LowMemOptimizer, ParamsLike, check_torch_options, param_groups_from
 from lightning_lowmem.optim.functional import block_adam
-from lightning_lowmem.optim.momentum_state import SCALE_KEY, check_momentum_state, convert_momentum_, group_format, new_momentum
-from lightning_lowmem.optim.sharding import ParamSharding, all_reduce_block_means, to_local
 from lightning_lowmem.optim.hparams import check_adam_hparams
+from lightning_lowmem.optim.momentum_state import SCALE_KEY, check_momentum_state, convert_momentum_, group_format, new_momentum
+from lightning_lowmem.optim.param_groups import check_plan_covers, decay_groups, named_parameters_of, plan_missing
+from lightning_lowmem.optim.param_groups import model_decay_groups  # noqa: F401  (re-exported: its former home)
+from lightning_lowmem.optim.placement import Placement, place, split_banks
+from lightning_lowmem.optim.placement import layout_for  # noqa: F401  (re-exported: its former home)
+from lightning_lowmem.optim.sharding import to_local
+from lightning_lowmem.optim.step_batch import GroupBatch, reduce_block_means
 from lightning_lowmem.partition import NO_DECAY_ROLES, BlockPlan, ParamBlocks, build_plan, build_plan_from_named_parameters
-from lightning_lowmem.partition.build import compile_rules
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +117,17 @@ class BlockAdam(LowMemOptimizer):
         MomentumFormat.of(exp_avg_dtype, exp_avg_block)
         model = params if isinstance(params, nn.Module) else None
         groups, user_grouped = param_groups_from(params)
-        named = _named_parameters_of(groups, type(self).__name__)
+        named = named_parameters_of(groups, type(self).__name__)
         if plan is None and model is not None:
             plan = build_plan(model, preset, rules)
         elif plan is None:  # names and shapes only; frozen tensors get blocks too, should they be unfrozen
             plan = build_plan_from_named_parameters([(n, p if p.requires_grad else p.shape) for n, p in named], preset, rules)
-        _check_plan_covers(plan, named)
+        check_plan_covers(plan, named)
         self.plan = plan
         self.preset, self.rules = preset, rules
         self._plan_new(named)  # frozen parameters a given plan lacks: blocks by name (their roles decide decay)
         if not user_grouped:
-            groups = _decay_groups(named, self.plan, no_decay)
+            groups = decay_groups(named, self.plan, no_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize,
                         exp_avg_dtype=exp_avg_dtype, exp_avg_block=exp_avg_block,
                         stochastic_rounding=bool(stochastic_rounding))
@@ -130,7 +135,7 @@ class BlockAdam(LowMemOptimizer):
         if model is not None:
             self.bind_model(model)
         self.backend = backend
-        self._placements: dict[torch.Tensor, _Placement] = {}
+        self._placements: dict[torch.Tensor, Placement] = {}
 
     def _reset_caches(self) -> None:
         super()._reset_caches()
@@ -153,31 +158,20 @@ class BlockAdam(LowMemOptimizer):
         if isinstance(param_group, dict) and hasattr(self, "plan"):
             params = param_group["params"]
             params = [params] if isinstance(params, torch.Tensor) else list(params)
-            named = _named_parameters_of([{"params": params}], type(self).__name__)
+            named = named_parameters_of([{"params": params}], type(self).__name__)
             self._plan_new(named)
-            _check_plan_covers(self.plan, named)
+            check_plan_covers(self.plan, named)
             param_group = {**param_group, "params": params}
         super().add_param_group(param_group)
 
     def _plan_new(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """Extend :attr:`plan` with entries for the parameters of ``named`` it lacks."""
-        missing = [(n, p) for n, p in named if n not in self.plan]
-        if not missing:
+        found = plan_missing(self.plan, named, self.bound_model, self.preset, self.rules)
+        if not found:
             return
-        found: list[ParamBlocks] = []
-        model = self.bound_model
-        if model is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # the model's fallbacks were reported when first planned
-                structural = build_plan(model, self.preset, _rules_for(self.rules, [n for n, _ in missing]),
-                                        include_frozen=True)
-            found = [structural[n] for n, _ in missing if n in structural]
-        rest = [(n, p.shape) for n, p in missing if all(e.name != n and n not in e.aliases for e in found)]
-        if rest:
-            by_name = build_plan_from_named_parameters(rest, self.preset, _rules_for(self.rules, [n for n, _ in rest]))
-            found += [by_name[n] for n, _ in rest]
         self.plan = BlockPlan([*self.plan.values(), *found], preset=self.plan.preset)
         log.info("Blocks for parameters added to %s: %s", type(self).__name__, [e.name for e in found])
+
     def state_segments(self) -> dict[torch.Tensor, list[tuple[str, int, int]]]:
         """``param -> [(kind, parameters, v entries), ...]``: its ``v`` in order, as runs of one kind
         (:meth:`~lightning_lowmem.partition.ParamBlocks.kind_runs`)."""
@@ -194,31 +188,18 @@ class BlockAdam(LowMemOptimizer):
             self._plan_new([(name, param)])
         return self.plan[name]
 
-    def _placement(self, name: str, param: torch.Tensor) -> _Placement:
+    def _placement(self, name: str, param: torch.Tensor) -> Placement:
         placement = self._placements.get(param)
         if placement is None:
-            entry = self._entry(name, param)
-            if _split_banks(entry):
-                # dim 0 indexes banks (experts) and no block spans two: FSDP2 keeps whole banks on a
-                # rank and their state with them, and each bank is updated as a 2-D matrix
-                sharding = ParamSharding.of(param, transposed=False)
-                start, stop = sharding.local_rows(entry.shape[0])
-                layout = layout_for(_one_bank(entry), to_local(param).device)
-                placement = _Placement(layout, sharding, False, (start, stop), bank_shape=entry.shape[entry.bank_dims:])
-            else:
-                sharding = ParamSharding.of(param, entry.transposed)
-                start, stop = sharding.local_rows(entry.rows)
-                layout = layout_for(entry, to_local(param).device, rows=slice(start, stop))
-                reduce = sharding.needs_reduction(layout.elementwise, one_block_per_row=layout.group_index is None)
-                placement = _Placement(layout, sharding, reduce, (start, stop))
+            placement = place(self._entry(name, param), param)
             self._placements[param] = placement
         return placement
 
     def _momentum_format(self, name: str, param: torch.Tensor, group: dict[str, Any]) -> MomentumFormat | None:
         """The stored format of ``param``'s momentum, ``None`` for a tensor in the parameter's dtype."""
-        return group_format(group, param, banked=_split_banks(self._entry(name, param)))
+        return group_format(group, param, banked=split_banks(self._entry(name, param)))
 
-    def _init_state(self, name: str, param: torch.Tensor, placement: _Placement, group: dict[str, Any]) -> dict[str, Any]:
+    def _init_state(self, name: str, param: torch.Tensor, placement: Placement, group: dict[str, Any]) -> dict[str, Any]:
         entry, state = self._entry(name, param), self.state[param]
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state.update(new_momentum(param, self._momentum_format(name, param, group)))
@@ -235,8 +216,8 @@ class BlockAdam(LowMemOptimizer):
             state["exp_avg_sq"] = placement.sharding.new_block_state(local, entry.state_shape(), sharded=row_local)
         return state
 
-    def _init_group(self, group: dict[str, Any]) -> _GroupBatch:
-        batch = _GroupBatch()
+    def _init_group(self, group: dict[str, Any]) -> GroupBatch:
+        batch = GroupBatch()
         for name, p in zip(group["param_names"], group["params"]):
             grad = self._grad_of(p)
             if grad is None:
@@ -284,7 +265,7 @@ class BlockAdam(LowMemOptimizer):
             with torch.enable_grad():
                 loss = closure()
         batches = [(group, self._init_group(group)) for group in self.param_groups]
-        _reduce_block_means([batch for _, batch in batches])
+        reduce_block_means([batch for _, batch in batches])
         for index, (group, batch) in enumerate(batches):
             if not batch.params:
                 continue
@@ -310,174 +291,3 @@ class BlockAdam(LowMemOptimizer):
             )
         return loss
 
-
-class _Placement(NamedTuple):
-    """A parameter's local layout and where its rows live (cached per parameter)."""
-
-    layout: RowLayout
-    sharding: ParamSharding
-    reduce: bool  # its block means are partial sums that must be all-reduced
-    rows: tuple[int, int]  # this rank's rows of the row view (of dim 0 for a bank)
-    bank_shape: tuple[int, ...] | None = None  # a bank's shape when each bank is its own 2-D matrix
-
-
-@dataclasses.dataclass
-class _GroupBatch:
-    """The local tensors of one param group that have a gradient this step."""
-
-    params: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    grads: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    exp_avgs: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    exp_avg_sqs: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    layouts: list[RowLayout] = dataclasses.field(default_factory=list)
-    placements: list[_Placement] = dataclasses.field(default_factory=list)
-    mean_sqs: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
-    formats: list[MomentumFormat | None] = dataclasses.field(default_factory=list)
-
-    def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement,
-            fmt: MomentumFormat | None) -> None:
-        if placement.bank_shape is not None:
-            self._add_banks(param, grad, state, placement, fmt)
-            return
-        self.params.append(to_local(param))
-        self.grads.append(to_local(grad))
-        exp_avg = to_local(state["exp_avg"])
-        scales = state.get(SCALE_KEY)
-        self.exp_avgs.append(exp_avg if fmt is None else QuantizedMomentum(exp_avg, None if scales is None else to_local(scales)))
-        self.formats.append(fmt)
-        self.exp_avg_sqs.append(to_local(state["exp_avg_sq"]))
-        self.steps.append(state["step"])
-        self.layouts.append(placement.layout)
-        self.placements.append(placement)
-        self.mean_sqs.append(None)
-
-    def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: _Placement,
-                   fmt: MomentumFormat | None) -> None:
-        """Each local bank (expert) as its own tensor: views of the parameter, gradient and state.
-        The functional core increments every step it is given, so banks after the first get a copy."""
-        shape = placement.bank_shape
-        # views (not copies) of what is updated in place; the gradient is only read
-        views = [to_local(param).view(-1, *shape), to_local(grad).reshape(-1, *shape), to_local(state["exp_avg"]).view(-1, *shape)]
-        v = to_local(state["exp_avg_sq"]).view(views[0].shape[0], -1)
-        for b in range(views[0].shape[0]):
-            self.params.append(views[0][b])
-            self.grads.append(views[1][b])
-            self.exp_avgs.append(views[2][b] if fmt is None else QuantizedMomentum(views[2][b]))
-            self.formats.append(fmt)
-            self.exp_avg_sqs.append(v[b])
-            self.steps.append(state["step"] if b == 0 else state["step"].clone())
-            self.layouts.append(placement.layout)
-            self.placements.append(placement)
-            self.mean_sqs.append(None)
-
-
-def _reduce_block_means(batches: list[_GroupBatch]) -> None:
-    """Compute the partial block means that span ranks and sum them all in one collective."""
-    pending = [(b, i) for b in batches for i, placement in enumerate(b.placements) if placement.reduce]
-    if not pending:
-        return
-    meshes = {id(b.placements[i].sharding.mesh): b.placements[i].sharding.mesh for b, i in pending}
-    if len(meshes) > 1:
-        raise ValueError("All sharded parameters of one optimizer must live on the same device mesh.")
-    partial = [block_mean_sq(b.grads[i], b.layouts[i]) for b, i in pending]
-    reduced = all_reduce_block_means(partial, next(iter(meshes.values())))
-    for (b, i), mean_sq in zip(pending, reduced):
-        b.mean_sqs[i] = mean_sq
-
-
-def _split_banks(entry: ParamBlocks) -> bool:
-    """Whether the parameter is updated bank by bank (it has bank dims and shared blocks)."""
-    return entry.bank_dims > 0 and not entry.is_full
-
-
-def _one_bank(entry: ParamBlocks) -> ParamBlocks:
-    """The layout of one bank of ``entry`` (the same for every bank)."""
-    return dataclasses.replace(entry, shape=entry.shape[entry.bank_dims:], bank_dims=0, aliases=())
-
-
-def layout_for(entry: ParamBlocks, device: torch.device, rows: slice = slice(None)) -> RowLayout:
-    """The :class:`RowLayout` of a parameter of the plan for its ``rows`` held here, on ``device``."""
-    if entry.is_full:
-        return RowLayout(transposed=entry.transposed, elementwise=True)
-    index = entry.group_index(device)
-    if index is not None:
-        index = index[rows]
-    if index is None:
-        return RowLayout(transposed=entry.transposed, elementwise=False, group_numel=float(entry.cols))
-    sizes = torch.tensor(entry.group_sizes(), dtype=torch.float64, device=device) * entry.cols
-    return RowLayout(transposed=entry.transposed, elementwise=False, group_index=index, group_numel=sizes)
-
-
-def _named_parameters_of(groups: list[dict[str, Any]], owner: str) -> list[tuple[str, torch.Tensor]]:
-    named: list[tuple[str, torch.Tensor]] = []
-    for group in groups:
-        for item in group["params"]:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-                raise ValueError(
-                    f"{owner} needs parameter names to find each parameter's block: pass the model, "
-                    "model.named_parameters(), or groups like {'params': [(name, tensor), ...]}. With LightningCLI, "
-                    "whose --optimizer passes model.parameters(), inject the optimizer into the model instead: an "
-                    "OptimizerCallable argument set as self.lowmem_optimizer of LowMemOptimizerMixin (see docs/quickstart.md)."
-                )
-            named.append(item)
-    return named
-
-
-def _rules_for(rules: Any, names: list[str]) -> list[tuple[re.Pattern[str], Any]] | None:
-    """The user's rules that match one of ``names`` (a plan of a few parameters must not see the others' rules)."""
-    if rules is None:
-        return None
-    return [(rule.regex, rule.spec) for rule in compile_rules(rules) if any(rule.regex.search(n) for n in names)]
-
-
-def _check_plan_covers(plan: BlockPlan, named: list[tuple[str, torch.Tensor]]) -> None:
-    """Raise unless every trainable parameter of ``named`` has a plan entry of its shape (frozen ones get theirs
-    when they first have a gradient)."""
-    missing = [n for n, p in named if n not in plan and p.requires_grad]
-    if missing:
-        raise ValueError(
-            f"The block plan has no entry for the trainable parameters {missing[:8]}{' ...' if len(missing) > 8 else ''}: "
-            "it was built from another model, or while they were frozen. Build it from this model once they are "
-            "trainable (build_plan(model)), leave out plan= to let the optimizer build it, or add rules for them."
-        )
-    wrong = [(n, list(p.shape), list(plan[n].shape)) for n, p in named if n in plan and tuple(p.shape) != plan[n].shape]
-    if wrong:
-        name, got, planned = wrong[0]
-        raise ValueError(
-            f"The block plan was built for other shapes: {name!r} is {got} but the plan says {planned}; "
-            "rebuild the plan from this model."
-        )
-
-
-def model_decay_groups(model: nn.Module, no_decay: Sequence[str] = NO_DECAY_ROLES) -> list[dict[str, Any]]:
-    """The decayed / not-decayed param groups of ``model``'s trainable parameters, by their roles.
-
-    These are the groups :class:`BlockAdam` builds (roles come from the model's structure and do not
-    depend on the preset), with ``(name, parameter)`` pairs so a state dict is named.
-
-    Example::
-
-        >>> [len(g["params"]) for g in model_decay_groups(model, ("bias", "norm"))]
-        [4, 6]
-    """
-    with warnings.catch_warnings():  # the plan's block fallbacks are irrelevant here: only roles are read
-        warnings.simplefilter("ignore", UserWarning)
-        plan = build_plan(model, "adam_mini")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return _decay_groups(named, plan, no_decay)
-
-
-def _decay_groups(
-    named: list[tuple[str, torch.Tensor]], plan: BlockPlan, no_decay: Sequence[str]
-) -> list[dict[str, Any]]:
-    """Split ``named`` into a decayed group and a ``weight_decay=0`` group by the plan's roles."""
-    decay = [(n, p) for n, p in named if plan[n].role not in no_decay]
-    keep = [(n, p) for n, p in named if plan[n].role in no_decay]
-    log.info("Weight decay on %d tensors; none on %d tensors with roles %s.", len(decay), len(keep), tuple(no_decay))
-    groups = []
-    if decay:
-        groups.append({"params": decay})
-    if keep:
-        groups.append({"params": keep, "weight_decay": 0.0})
-    return groups

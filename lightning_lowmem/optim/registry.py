@@ -24,10 +24,10 @@ from torch.optim import Optimizer
 from lightning_lowmem.config import OptimConfig
 from lightning_lowmem.optim.adam_mini import AdamMini
 from lightning_lowmem.optim.adamw import NamedAdamW
-from lightning_lowmem.optim.block_adam import model_decay_groups
 from lightning_lowmem.optim.eve import Eve
 from lightning_lowmem.optim.micro_adam import MicroAdam
 from lightning_lowmem.optim.names import OPTIMIZERS, available_optimizers, register_optimizer
+from lightning_lowmem.optim.param_groups import model_decay_groups
 from lightning_lowmem.partition import BlockPlan
 
 log = logging.getLogger(__name__)

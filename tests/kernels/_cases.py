@@ -38,7 +38,7 @@ def make_tensors(entry: ParamBlocks, dtype: torch.dtype, seed: int = 0):
 
 def second_moments_after_steps(backend: str, beta2: float = 0.999, steps: int = 3) -> list[torch.Tensor]:
     """``v`` of a row-block and a ``full`` tensor after ``steps`` steps of :func:`block_adam` on ``backend``."""
-    from lightning_lowmem.optim.block_adam import layout_for
+    from lightning_lowmem.optim.placement import layout_for
     from lightning_lowmem.optim.functional import block_adam
 
     entries = [ENTRIES["row_123x431"], ENTRIES["full_6x42"]]

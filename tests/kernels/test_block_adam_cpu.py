@@ -9,8 +9,8 @@ from _cases import ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.p
 import lightning_lowmem.kernels.block_adam_native as native_rows
 from lightning_lowmem.kernels import block_adam_cpu, resolve
 from lightning_lowmem.kernels.block_adam import block_mean_sq
-from lightning_lowmem.optim.block_adam import layout_for
 from lightning_lowmem.optim.functional import block_adam
+from lightning_lowmem.optim.placement import layout_for
 from lightning_lowmem.partition import BlockSpec, ParamBlocks
 
 pytestmark = pytest.mark.skipif(not block_adam_cpu.rows_kernel_available(), reason="no C compiler on this machine")

@@ -11,7 +11,7 @@ from lightning_lowmem.kernels import resolve
 from lightning_lowmem.kernels.block_adam import adam_step_scalars, block_mean_sq
 from lightning_lowmem.kernels.block_adam_quantized import block_adam_quantized_multi_update_
 from lightning_lowmem.kernels.momentum_formats import MomentumFormat, decode
-from lightning_lowmem.optim.block_adam import layout_for
+from lightning_lowmem.optim.placement import layout_for
 from _cases import DEVICE, ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.py
 
 FORMATS = [MomentumFormat.of("int8", 128), MomentumFormat.of("int8", 5), MomentumFormat.of("int4", 64),

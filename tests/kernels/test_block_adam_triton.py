@@ -11,7 +11,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lightning_lowmem.optim.block_adam import layout_for  # noqa: E402
+from lightning_lowmem.optim.placement import layout_for  # noqa: E402
 from lightning_lowmem.kernels.block_adam import adam_step_scalars, block_adam_update_, block_mean_sq  # noqa: E402
 from lightning_lowmem.kernels.block_adam_triton import block_adam_update_triton_  # noqa: E402
 from lightning_lowmem.kernels.layout import state_dtype  # noqa: E402

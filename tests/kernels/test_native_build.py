@@ -16,8 +16,8 @@ from _cases import ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.p
 
 import lightning_lowmem.kernels.block_adam_native as block_adam_native
 from lightning_lowmem.kernels import backends, block_adam_cpu, native, resolve
-from lightning_lowmem.optim.block_adam import layout_for
 from lightning_lowmem.optim.functional import block_adam
+from lightning_lowmem.optim.placement import layout_for
 
 NAMES = sorted(ENTRIES)
 

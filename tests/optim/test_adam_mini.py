@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 
 import pytest
@@ -253,3 +254,11 @@ def test_named_parameters_fallback_and_explicit_groups_with_plan():
     grouped = AdamMini(groups, plan=plan)
     assert len(grouped.param_groups) == 1 and grouped.param_groups[0]["lr"] == 0.5
     assert math.isclose(grouped.param_groups[0]["weight_decay"], 1e-2)
+
+
+def test_helpers_moved_out_of_block_adam_are_importable_from_it():
+    from lightning_lowmem.optim import param_groups, placement
+
+    block_adam = importlib.import_module("lightning_lowmem.optim.block_adam")  # the package's block_adam is the function
+    assert block_adam.layout_for is placement.layout_for
+    assert block_adam.model_decay_groups is param_groups.model_decay_groups

@@ -1,0 +1,87 @@
+"""One optimizer step's batch of local tensors: what the functional core is given per param group.
+
+:class:`GroupBatch` collects, for the parameters of a group that have a gradient this step, the
+local (this rank's) parameter, gradient, momentum, second moment, step and :class:`RowLayout`, as
+the lists :func:`lightning_lowmem.optim.functional.block_adam` takes. A parameter updated bank by
+bank (see :mod:`lightning_lowmem.optim.placement`) adds one entry per local bank. The block means
+whose rows span ranks are computed and summed for all groups at once by :func:`reduce_block_means`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from lightning_lowmem.kernels import RowLayout
+from lightning_lowmem.kernels.block_adam import block_mean_sq
+from lightning_lowmem.kernels.momentum_formats import MomentumFormat, QuantizedMomentum
+from lightning_lowmem.optim.momentum_state import SCALE_KEY
+from lightning_lowmem.optim.placement import Placement
+from lightning_lowmem.optim.sharding import all_reduce_block_means, to_local
+
+
+@dataclasses.dataclass
+class GroupBatch:
+    """The local tensors of one param group that have a gradient this step."""
+
+    params: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grads: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    exp_avgs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    steps: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    layouts: list[RowLayout] = dataclasses.field(default_factory=list)
+    placements: list[Placement] = dataclasses.field(default_factory=list)
+    mean_sqs: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
+    formats: list[MomentumFormat | None] = dataclasses.field(default_factory=list)
+
+    def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: Placement,
+            fmt: MomentumFormat | None) -> None:
+        if placement.bank_shape is not None:
+            self._add_banks(param, grad, state, placement, fmt)
+            return
+        self.params.append(to_local(param))
+        self.grads.append(to_local(grad))
+        exp_avg = to_local(state["exp_avg"])
+        scales = state.get(SCALE_KEY)
+        self.exp_avgs.append(exp_avg if fmt is None else QuantizedMomentum(exp_avg, None if scales is None else to_local(scales)))
+        self.formats.append(fmt)
+        self.exp_avg_sqs.append(to_local(state["exp_avg_sq"]))
+        self.steps.append(state["step"])
+        self.layouts.append(placement.layout)
+        self.placements.append(placement)
+        self.mean_sqs.append(None)
+
+    def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: Placement,
+                   fmt: MomentumFormat | None) -> None:
+        """Each local bank (expert) as its own tensor: views of the parameter, gradient and state.
+        The functional core increments every step it is given, so banks after the first get a copy."""
+        shape = placement.bank_shape
+        # views (not copies) of what is updated in place; the gradient is only read
+        views = [to_local(param).view(-1, *shape), to_local(grad).reshape(-1, *shape), to_local(state["exp_avg"]).view(-1, *shape)]
+        v = to_local(state["exp_avg_sq"]).view(views[0].shape[0], -1)
+        for b in range(views[0].shape[0]):
+            self.params.append(views[0][b])
+            self.grads.append(views[1][b])
+            self.exp_avgs.append(views[2][b] if fmt is None else QuantizedMomentum(views[2][b]))
+            self.formats.append(fmt)
+            self.exp_avg_sqs.append(v[b])
+            self.steps.append(state["step"] if b == 0 else state["step"].clone())
+            self.layouts.append(placement.layout)
+            self.placements.append(placement)
+            self.mean_sqs.append(None)
+
+
+def reduce_block_means(batches: list[GroupBatch]) -> None:
+    """Compute the partial block means that span ranks and sum them all in one collective."""
+    pending = [(b, i) for b in batches for i, placement in enumerate(b.placements) if placement.reduce]
+    if not pending:
+        return
+    meshes = {id(b.placements[i].sharding.mesh): b.placements[i].sharding.mesh for b, i in pending}
+    if len(meshes) > 1:
+        raise ValueError("All sharded parameters of one optimizer must live on the same device mesh.")
+    partial = [block_mean_sq(b.grads[i], b.layouts[i]) for b, i in pending]
+    reduced = all_reduce_block_means(partial, next(iter(meshes.values())))
+    for (b, i), mean_sq in zip(pending, reduced):
+        b.mean_sqs[i] = mean_sq
