@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -175,6 +177,14 @@ def test_valid_names_come_from_the_registry():
             OptimConfig(name="nope")
     finally:
         del OPTIMIZERS["toy_sgd"]
+
+
+def test_a_fresh_process_validates_names_without_importing_the_optimizers_first():
+    # `import lightning_lowmem` is lazy: the config must still know the built-in names
+    code = "from lightning_lowmem import OptimConfig; print(OptimConfig(name='eve').name, OptimConfig().name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["eve", "adam_mini"]
 
 
 def test_configs_are_plain_dataclasses():

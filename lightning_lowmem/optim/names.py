@@ -1,9 +1,10 @@
 """The table of optimizer names a config can use: ``name -> factory(model, cfg) -> Optimizer``.
 
 Filled by :func:`register_optimizer`, where each optimizer is defined (the built-in ones in
-:mod:`lightning_lowmem.optim.registry`, which ``import lightning_lowmem`` imports). It sits below
-both :mod:`lightning_lowmem.config` (which validates names against it) and the registry (which
-builds optimizers from configs), so neither imports the other's module back.
+:mod:`lightning_lowmem.optim.registry`, imported by :func:`available_optimizers` the first time a
+name is looked up). It sits below both :mod:`lightning_lowmem.config` (which validates names
+against it) and the registry (which builds optimizers from configs), so neither imports the
+other's module back.
 
 Example::
 
@@ -16,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +30,8 @@ _Factory = TypeVar("_Factory", bound=OptimizerFactory)
 
 #: The registered optimizer factories by name, in registration order.
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
+#: The module whose import registers the built-in optimizers.
+BUILTIN_MODULE = "lightning_lowmem.optim.registry"
 
 
 def register_optimizer(name: str) -> Callable[[_Factory], _Factory]:
@@ -59,5 +63,7 @@ def register_optimizer(name: str) -> Callable[[_Factory], _Factory]:
 
 
 def available_optimizers() -> tuple[str, ...]:
-    """The registered optimizer names, in registration order."""
+    """The registered optimizer names, in registration order (the built-in ones first: they are
+    registered here if nothing has imported them yet)."""
+    importlib.import_module(BUILTIN_MODULE)
     return tuple(OPTIMIZERS)
