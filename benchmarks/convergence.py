@@ -77,6 +77,7 @@ Run::
     python benchmarks/convergence.py                  # full: 23 minutes on a shared 2-core CPU
     python benchmarks/convergence.py --quick          # CI: checks, no plots (under a minute here)
     python benchmarks/convergence.py --steps 100 --lrs 1e-3 3e-3 --plots /tmp/plots
+    python benchmarks/convergence.py --seed 1 --plots /tmp/plots  # other initial weights and batch order
     python benchmarks/convergence.py --json runs.json # also save every number ...
     python benchmarks/convergence.py --from-json runs.json  # ... and redraw its tables and plots
 
@@ -809,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI mode: a few steps at one lr, then the checks")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 200, quick 60)")
     parser.add_argument("--lrs", type=float, nargs="+", help="peak learning rates to sweep")
+    parser.add_argument("--seed", type=int, help="seed of the initial weights and the batch order (default: 1337)")
     parser.add_argument("--only", nargs="+", help="optimizer labels to run (AdamW and their references always run)")
     parser.add_argument("--plots", type=Path, help="folder for the PNG plots (full run default: docs/img)")
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
@@ -824,6 +826,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = dataclasses.replace(setup, steps=args.steps)
     if args.lrs:
         setup = dataclasses.replace(setup, lrs=tuple(args.lrs))
+    if args.seed is not None:
+        setup = dataclasses.replace(setup, seed=args.seed)
     labels = [c.label for c in CANDIDATES]
     unknown = [label for label in args.only or () if label not in labels]
     if unknown:
