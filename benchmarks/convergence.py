@@ -238,8 +238,9 @@ def int4_code_book(book: Sequence[float]) -> Iterator[None]:
     """Within the block, the reference (de)quantization (``momentum_formats.encode_``/``decode``)
     uses ``book`` (15 sorted values in [-1, 1], the middle one 0) for int4 momentum; restored on exit.
 
-    Only the ``"torch"`` backend reads the book at each call (the C and Triton kernels take it when
-    they are built or first called), so a candidate that runs under this must use ``backend="torch"``.
+    Only the ``"torch"`` backend reads the book at each call; the C and Triton backends bind the
+    package's book when they are imported, so a candidate that runs under this must use
+    ``backend="torch"``. The package's behaviour is unchanged outside the block.
     """
     book = tuple(float(v) for v in book)
     if len(book) != 15 or book[7] != 0.0 or list(book) != sorted(book):
