@@ -56,6 +56,17 @@ Optimizers: ``torch.optim.AdamW``, ``AdamMini`` (presets ``adam_mini`` and ``ada
 weight decay divided by the same factor, so that ``lr * weight_decay`` matches the others'); torch's
 Adafactor has no first moment (the Adam-mini paper adds one).
 
+Momentum formats (``exp_avg_dtype``; not in ``--quick``): AdamMini with bf16, int8 and
+int4 momentum, each measured against fp32 AdamMini (same init, batches and lr; the last table gives
+the loss gap and the weight distance at every recorded step), and torchao's ``AdamW8bit`` and
+``AdamW4bit`` (the ``bench`` extra) against AdamW. ``"AdamMini int4 m, linear book"`` is the int4
+run again with the linear code book ``k/7`` (:data:`LINEAR_INT4_CODE_BOOK`) in place of the
+package's non-uniform one, for that run only (:func:`int4_code_book`; the ``"torch"`` backend):
+the measurement behind the choice of book. ``--plots`` keeps a partial run's plots out of ``docs/img``::
+
+    python benchmarks/convergence.py --lrs 3e-4 1e-3 3e-3 --plots /tmp/plots --only "AdamMini bf16 m" \\
+        "AdamMini int8 m" "AdamMini int4 m" "AdamMini int4 m, linear book" "torchao AdamW8bit" "torchao AdamW4bit"
+
 ``--quick`` (for CI, under 2 minutes) trains every optimizer for a few steps at the learning rate
 AdamW did best at in the full run, runs the Rosenbrock comparison, and checks the results that must
 hold, each printed as ``PASS: ...`` or ``FAIL: ...`` (exit status 1 on a failure). The margins are
@@ -66,6 +77,7 @@ Run::
     python benchmarks/convergence.py                  # full: 23 minutes on a shared 2-core CPU
     python benchmarks/convergence.py --quick          # CI: checks, no plots (under a minute here)
     python benchmarks/convergence.py --steps 100 --lrs 1e-3 3e-3 --plots /tmp/plots
+    python benchmarks/convergence.py --seed 1 --plots /tmp/plots  # other initial weights and batch order
     python benchmarks/convergence.py --json runs.json # also save every number ...
     python benchmarks/convergence.py --from-json runs.json  # ... and redraw its tables and plots
 
@@ -76,6 +88,7 @@ matplotlib is installed (``pip install 'lightning-lowmem[bench]'``), else the ta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import dataclasses
 import itertools
@@ -85,7 +98,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +108,7 @@ from torch import nn
 from lightning_lowmem.callbacks import weight_distance
 from lightning_lowmem.config import OptimConfig, SchedulerConfig
 from lightning_lowmem.data import CharTextDataModule
+from lightning_lowmem.kernels import momentum_formats
 from lightning_lowmem.models import GPT, GPTConfig
 from lightning_lowmem.optim import MicroAdam
 from lightning_lowmem.optim.registry import create_optimizer, decay_groups
@@ -182,6 +196,7 @@ class Candidate:
     reference: str = "AdamW"  # the run whose weights the trajectory distance is measured to
     quick: bool = True  # trained by --quick
     needs: str | None = None  # a module of the bench extra it imports
+    context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext  # held for the whole run
 
 
 def _from_config(name: str, **options: Any) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
@@ -213,12 +228,41 @@ def _torchao(name: str) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
     return build
 
 
+#: A linear 4-bit code book, levels k/7 of the block's absmax (k = -7..7; code 7 is 0 as in the
+#: package's book), measured side by side with the package's non-uniform ``INT4_CODE_BOOK``.
+LINEAR_INT4_CODE_BOOK = tuple(k / 7 for k in range(-7, 8))
+
+
+@contextlib.contextmanager
+def int4_code_book(book: Sequence[float]) -> Iterator[None]:
+    """Within the block, the reference (de)quantization (``momentum_formats.encode_``/``decode``)
+    uses ``book`` (15 sorted values in [-1, 1], the middle one 0) for int4 momentum; restored on exit.
+
+    Only the ``"torch"`` backend reads the book at each call; the C and Triton backends bind the
+    package's book when they are imported, so a candidate that runs under this must use
+    ``backend="torch"``. The package's behaviour is unchanged outside the block.
+    """
+    book = tuple(float(v) for v in book)
+    if len(book) != 15 or book[7] != 0.0 or list(book) != sorted(book):
+        raise ValueError(f"an int4 code book is 15 sorted values with 0 in the middle, got {book}")
+    saved = momentum_formats.INT4_CODE_BOOK, momentum_formats.INT4_MIDPOINTS
+    momentum_formats.INT4_CODE_BOOK = book
+    momentum_formats.INT4_MIDPOINTS = tuple((a + b) / 2 for a, b in zip(book, book[1:]))
+    try:
+        yield
+    finally:
+        momentum_formats.INT4_CODE_BOOK, momentum_formats.INT4_MIDPOINTS = saved
+
+
 CANDIDATES = (
     Candidate("AdamW", _from_config("adamw")),
     Candidate("AdamMini", _from_config("adam_mini")),
     Candidate("AdamMini bf16 m", _from_config("adam_mini", exp_avg_dtype="bf16"), reference="AdamMini", quick=False),
     Candidate("AdamMini int8 m", _from_config("adam_mini", exp_avg_dtype="int8"), reference="AdamMini", quick=False),
     Candidate("AdamMini int4 m", _from_config("adam_mini", exp_avg_dtype="int4"), reference="AdamMini", quick=False),
+    # benchmark-only: the int4 run again with a linear code book (backend "torch", as every run here)
+    Candidate("AdamMini int4 m, linear book", _from_config("adam_mini", exp_avg_dtype="int4"), reference="AdamMini",
+              quick=False, context=lambda: int4_code_book(LINEAR_INT4_CODE_BOOK)),
     Candidate("torchao AdamW8bit", _torchao("AdamW8bit"), quick=False, needs="torchao"),
     Candidate("torchao AdamW4bit", _torchao("AdamW4bit"), quick=False, needs="torchao"),
     Candidate("AdamMini (paper)", _from_config("adam_mini_paper")),
@@ -289,11 +333,27 @@ def train(
     record: Snapshots | None = None,
     reference: Snapshots | None = None,
 ) -> Run:
-    """Train a fresh GPT from ``init`` on ``train_batches`` with ``candidate`` at peak ``lr``.
+    """Train a fresh GPT from ``init`` on ``train_batches`` with ``candidate`` at peak ``lr``, inside
+    the candidate's ``context``.
 
     Every ``setup.distance_every`` steps (and at the end) the weights are saved into ``record``, or
-    their relative L2 distance to ``reference`` (AdamW's weights at the same step) is kept.
+    their relative L2 distance to ``reference`` (the reference run's weights at the same step) is kept.
     """
+    with candidate.context():
+        return _train(candidate, lr, setup, init, train_batches, val_batches, record, reference)
+
+
+def _train(
+    candidate: Candidate,
+    lr: float,
+    setup: Setup,
+    init: dict[str, torch.Tensor],
+    train_batches: Sequence[Batch],
+    val_batches: Sequence[Batch],
+    record: Snapshots | None,
+    reference: Snapshots | None,
+) -> Run:
+    """:func:`train`'s run itself."""
     start = time.perf_counter()
     model = GPT(GPTConfig.tiny(block_size=setup.block_size))
     model.load_state_dict(init)
@@ -536,6 +596,29 @@ def trajectory_table(result: Sweep, candidates: Sequence[Candidate], lr: float, 
     return markdown(["optimizer", *(f"step {s}" for s in shown)], rows)
 
 
+def reference_table(result: Sweep, candidates: Sequence[Candidate]) -> str | None:
+    """The candidates measured against another run than AdamW's (the momentum formats, against fp32
+    AdamMini), at their reference's best lr: final validation loss, its gap to the reference's, and
+    the relative L2 distance to the reference's weights at every recorded step (every
+    ``distance_every`` steps and the last). ``None`` if there are none."""
+    setup = result.setup
+    steps = sorted({*range(setup.distance_every, setup.steps, setup.distance_every), setup.steps})
+    labels = {c.label for c in candidates}
+    rows = []
+    for c in candidates:
+        if c.reference == "AdamW" or c.reference not in labels:
+            continue
+        lr = result.best_lr(c.reference)
+        run = result.runs[c.label, lr]
+        gap = run.val_loss - result.runs[c.reference, lr].val_loss
+        rows.append([f"{c.label} (to {c.reference})", f"{lr:g}", _fmt(run.val_loss, 4),
+                     "diverged" if math.isnan(gap) else f"{gap:+.4f}",
+                     *(_fmt(run.distances.get(s, math.nan)) for s in steps)])
+    if not rows:
+        return None
+    return markdown(["optimizer", "lr", "val loss", "vs reference", *(f"step {s}" for s in steps)], rows)
+
+
 def final_distance_table(result: Sweep, candidates: Sequence[Candidate]) -> str:
     """Relative L2 distance to AdamW at the end of training, per lr."""
     lrs, end = result.setup.lrs, result.setup.steps
@@ -728,6 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI mode: a few steps at one lr, then the checks")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default: 200, quick 60)")
     parser.add_argument("--lrs", type=float, nargs="+", help="peak learning rates to sweep")
+    parser.add_argument("--seed", type=int, help="seed of the initial weights and the batch order (default: 1337)")
     parser.add_argument("--only", nargs="+", help="optimizer labels to run (AdamW and their references always run)")
     parser.add_argument("--plots", type=Path, help="folder for the PNG plots (full run default: docs/img)")
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
@@ -743,6 +827,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = dataclasses.replace(setup, steps=args.steps)
     if args.lrs:
         setup = dataclasses.replace(setup, lrs=tuple(args.lrs))
+    if args.seed is not None:
+        setup = dataclasses.replace(setup, seed=args.seed)
     labels = [c.label for c in CANDIDATES]
     unknown = [label for label in args.only or () if label not in labels]
     if unknown:
@@ -784,6 +870,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(setup.lrs) > 1:
         print("\nAt the end of training, per learning rate:\n")
         print(final_distance_table(result, candidates))
+    formats = reference_table(result, candidates)
+    if formats is not None:
+        print("\n## Against their own reference (fp32 AdamMini for the momentum formats), at its best lr\n")
+        print("Final validation loss, its gap to the reference's, and the relative L2 distance to the reference's "
+              "weights per recorded step:\n")
+        print(formats)
     print(f"\n## Error feedback: Rosenbrock, lr {ROSENBROCK_LR:g}, {setup.rosenbrock_steps} steps\n")
     print(rosenbrock_table(paths))
     if rosenbrock_lrs_table:

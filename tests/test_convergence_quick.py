@@ -4,6 +4,7 @@ Runs the benchmark as a user would (a subprocess, about 1-2 minutes on a 2-core 
 its exit status and the lines it prints for each check (see the benchmark's docstring).
 """
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -40,3 +41,40 @@ def test_convergence_quick_mode_passes_its_checks():
                      r"MicroAdam, no EF: ", out, re.M), out
     runtime = re.search(r"done in (\d+) s \(quick mode\)", out)
     assert runtime is not None, out
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("convergence_benchmark", ROOT / "benchmarks" / "convergence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_linear_int4_book_is_used_for_its_run_only():
+    """The benchmark-only linear int4 book: the reference encodes to the levels k/7 of the block's absmax
+    inside :func:`int4_code_book`, and the package's book is back afterwards, even after an error."""
+    import torch
+
+    from lightning_lowmem.kernels import momentum_formats as mf
+
+    bench = _load_benchmark()
+    candidate = next(c for c in bench.CANDIDATES if c.label == "AdamMini int4 m, linear book")
+    assert candidate.reference == "AdamMini" and not candidate.quick
+    shipped = (mf.INT4_CODE_BOOK, mf.INT4_MIDPOINTS)
+    fmt = mf.MomentumFormat.of("int4", block=16)
+    m = torch.linspace(-1, 1, 64).view(2, 32) ** 3
+    state = fmt.new_state(m.shape, "cpu")
+    with candidate.context():
+        mf.encode_(state, m, fmt)
+        levels = mf.decode(state, fmt, m.shape) / state.scales.repeat_interleave(16, dim=1)
+        assert torch.allclose(levels * 7, (levels * 7).round(), atol=1e-5)
+        assert torch.allclose(levels, (m / m.view(2, 2, 16).abs().amax(2).repeat_interleave(16, 1) * 7).round() / 7,
+                              atol=1e-6)
+    assert (mf.INT4_CODE_BOOK, mf.INT4_MIDPOINTS) == shipped
+    with pytest.raises(RuntimeError), candidate.context():
+        raise RuntimeError
+    assert (mf.INT4_CODE_BOOK, mf.INT4_MIDPOINTS) == shipped
+    with pytest.raises(ValueError):
+        with bench.int4_code_book((0.0, 1.0)):
+            pass
