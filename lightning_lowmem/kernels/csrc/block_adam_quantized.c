@@ -37,6 +37,15 @@
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
+/* GCC's loops in 512-bit vectors, as wide as the intrinsics' (it picks 256 for most AVX-512 CPUs):
+ * where a loop stores the scratch m in 32-byte halves and the next loads it in 64-byte vectors (or
+ * the other way), the loads wait for the stores to reach the cache instead of being forwarded from
+ * them. Measured, one thread, int4: 1.10 ns a parameter with mixed widths, 0.70 with 512-bit loops
+ * (int8 0.58 -> 0.48, bf16 1.20 -> 1.00). Clang has no such pragma: there the kernel is correct but
+ * slower. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #endif
 
 int64_t lowmem_block_adam_quantized_abi(void) { return 1; }
