@@ -204,3 +204,26 @@ def test_native_decodes_exactly_as_the_reference(name, fmt):
 def test_int4_code_book_is_symmetric_as_the_kernel_assumes():
     book, mids = native_q._code_book()
     assert torch.equal(mids, -mids.flip(0)) and torch.equal(book[:15], -book[:15].flip(0)) and book[15] == 0
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager must fail the test
+@pytest.mark.parametrize("fmt, dtype", [(FORMATS[1], torch.float32), (FORMATS[3], torch.float32),
+                                        (FORMATS[3], torch.bfloat16), (FORMATS[4], torch.bfloat16)],
+                         ids=["int8_fp32", "int4_fp32", "int4_bf16_params", "bf16_bf16_params"])
+def test_compile_equals_reference_in_one_graph(fmt, dtype):
+    """backend="compile" runs the reference under torch.compile (not eagerly): the same codes and
+    the same random bits (bf16 parameters and momentum with stochastic rounding), and its 3 steps, each
+    with a new step size and seed, share one graph."""
+    from lightning_lowmem.kernels.block_adam_quantized import block_adam_quantized_compiled_
+
+    update = resolve("block_adam_quantized", "compile", "cpu")
+    assert update is block_adam_quantized_compiled_
+    entry, rounding = ENTRIES["fused_qkv"], dtype == torch.bfloat16
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = _run(update, entry, fmt, dtype, rounding=rounding)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 1
+    expected = _run(block_adam_quantized_multi_update_, entry, fmt, dtype, rounding=rounding)
+    _assert_matches(got, expected, fmt, dtype)
+    assert torch.equal(got[3].codes, expected[3].codes)
+    if rounding:
+        assert torch.equal(got[0], expected[0])
