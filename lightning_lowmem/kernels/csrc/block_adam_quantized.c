@@ -120,7 +120,7 @@ static inline __attribute__((always_inline)) void decode_int4(float *restrict m,
 
 /* The int4 code of y = m / absmax: the count of code-book midpoints below y, as torch.bucketize counts
  * them (boundaries[q-1] < y <= boundaries[q]). The book is symmetric (book[14 - q] = -book[q], checked
- * by the caller), so the 14 midpoints are -mid[6..0] and mid[0..6] = pos[0..6], and with a = |y|:
+ * by the caller), so the 14 midpoints are -pos[6], ..., -pos[0], pos[0], ..., pos[6], and with a = |y|:
  *
  *   y >= 0 (or -0.0 read as 0): q = 7 + #{pos[k] < a}    (all 7 negative midpoints are below y)
  *   y <  0:                     q = 7 - #{pos[k] <= a}   (the negative midpoints -pos[k] < y: pos[k] > a)
