@@ -140,14 +140,56 @@ def _one_step(update, p, g, state, v, entry, fmt, beta1, lr):
            bias_correction2_sqrt=0.5, beta1=beta1, beta2=0.99, eps=1e-4, weight_decay=0.0, maximize=False)
 
 
+def _needs_kernel():
+    if not native_q.quantized_kernel_build().library:
+        pytest.skip(f"the C kernel cannot be built here: {native_q.quantized_kernel_build().problem}")
+
+
 @pytest.mark.parametrize("fmt", EXACT_FORMATS, ids=lambda f: f"{f.name}_{f.block}")
 @pytest.mark.parametrize("name", sorted(EXACT_ENTRIES))
 def test_native_encodes_exactly_as_the_reference(name, fmt):
+    _needs_kernel()
+    _check_encode(name, fmt)
+
+
+@pytest.mark.parametrize("fmt", EXACT_FORMATS, ids=lambda f: f"{f.name}_{f.block}")
+@pytest.mark.parametrize("name", sorted(EXACT_ENTRIES))
+def test_native_decodes_exactly_as_the_reference(name, fmt):
+    _needs_kernel()
+    _check_decode(name, fmt)
+
+
+@pytest.fixture
+def portable_build(monkeypatch, tmp_path):
+    """The C kernel built with the portable flag set only (no -march=native: no AVX-512 intrinsics)."""
+    import lightning_lowmem.kernels.native as native
+
+    def clear():
+        for fn in (native.build_library, native_q.quantized_kernel_build, native_q._kernel):
+            fn.cache_clear()
+
+    monkeypatch.setattr(native, "FLAG_SETS", native.FLAG_SETS[1:])
+    assert "-march=native" not in native.FLAG_SETS[0]
+    monkeypatch.setenv("LIGHTNING_LOWMEM_CACHE", str(tmp_path))
+    clear()
+    yield tmp_path
+    monkeypatch.undo()
+    clear()
+
+
+@pytest.mark.parametrize("fmt", [EXACT_FORMATS[0], EXACT_FORMATS[4]], ids=lambda f: f"{f.name}_{f.block}")
+def test_portable_build_encodes_and_decodes_exactly_as_the_reference(portable_build, fmt):
+    """The plain C loops (CPUs without AVX-512, and every block's tail) give the same codes."""
+    _needs_kernel()
+    assert native_q.quantized_kernel_build().path.parent == portable_build / "kernels"  # this build, not the cached one
+    _check_encode("row_odd_9x1001", fmt)
+    _check_decode("row_odd_9x1001", fmt)
+
+
+def _check_encode(name, fmt):
     """beta1 = 0 from a zero momentum: both sides encode m = g exactly, so codes and scales must be
     EQUAL, on values that sit on the int4 midpoints and code-book values (ties), -0.0, and random ones,
     each block holding a +-1 (its absmax: m / absmax is then m itself)."""
-    if not native_q.quantized_kernel_build().library:
-        pytest.skip(f"the C kernel cannot be built here: {native_q.quantized_kernel_build().problem}")
     entry = EXACT_ENTRIES[name]
     gen = torch.Generator().manual_seed(3)
     special = torch.tensor(INT4_MIDPOINTS + INT4_CODE_BOOK + (-0.0, 0.5, -0.5))
@@ -168,15 +210,11 @@ def test_native_encodes_exactly_as_the_reference(name, fmt):
     torch.testing.assert_close(p, p_ref, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("fmt", EXACT_FORMATS, ids=lambda f: f"{f.name}_{f.block}")
-@pytest.mark.parametrize("name", sorted(EXACT_ENTRIES))
-def test_native_decodes_exactly_as_the_reference(name, fmt):
+def _check_decode(name, fmt):
     """beta1 = 1 keeps m as decoded: from random codes and scales, p moves by s * decode(m) (to fp32
     rounding of the update, where a misread code moves it by a code step), and re-encoding the decoded
     m (each block headed by a code of +-1, so that its scale and codes stay) gives the same codes and
     scales on both sides."""
-    if not native_q.quantized_kernel_build().library:
-        pytest.skip(f"the C kernel cannot be built here: {native_q.quantized_kernel_build().problem}")
     entry = EXACT_ENTRIES[name]
     gen = torch.Generator().manual_seed(5)
     start = fmt.new_state(entry.shape, "cpu")
