@@ -60,7 +60,8 @@ def block_adam_quantized_update_(param: Tensor, grad: Tensor, exp_avg: Quantized
 
 def block_adam_quantized_multi_update_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[QuantizedMomentum],
                                        exp_avg_sqs: list[Tensor], layouts: list[RowLayout],
-                                       mean_sqs: list[Tensor | None], formats: list[MomentumFormat], seeds: list[int] | list[Tensor],
+                                       mean_sqs: list[Tensor | None], formats: list[MomentumFormat],
+                                       seeds: list[int] | list[Tensor],
                                        *, stochastic_rounding: bool, **hparams: Any) -> None:
     """:func:`block_adam_quantized_update_` over lists: the ``"torch"`` implementation of the op
     (seeds: ints, or 0-dim int64 tensors as :func:`block_adam_quantized_compiled_` passes them)."""

@@ -144,8 +144,9 @@ static inline __attribute__((always_inline)) uint32_t int4_code(float y, const f
  * last byte's high nibble with the code of 0. pos: the 7 positive midpoints. With AVX-512, 16 entries
  * at a time, int4_code's steps on 16 lanes: the comparisons give masks that count into 32-bit lanes,
  * and each pair of lanes (one 64-bit lane) becomes a byte q0 | q1 << 4, narrowed by one vpmovqb. */
-static inline __attribute__((always_inline)) void encode_int4(const float *restrict m, float absmax, uint8_t *restrict c,
-                                                               int64_t n, const float *restrict pos) {
+static inline __attribute__((always_inline)) void encode_int4(const float *restrict m, float absmax,
+                                                               uint8_t *restrict c, int64_t n,
+                                                               const float *restrict pos) {
     const float inverse = absmax > 0.0f ? 1.0f / absmax : 0.0f;
     int64_t j = 0;
 #if defined(__AVX512F__)
