@@ -296,6 +296,7 @@ static inline __attribute__((always_inline)) void update_row_int(
     }
 }
 
+/* update_row_int with the format fixed: one compiled body per format, without a branch on it */
 static void update_row_int8(float *p, const float *g, uint8_t *codes, float *scales, float *v, const float *col_scales,
                             float scale, int64_t cols, const float *g_ahead, const float *p_ahead, float *m,
                             const hparams *h) {
