@@ -200,9 +200,9 @@ register("block_adam", "triton", f"{_HERE}.block_adam_triton:block_adam_multi_up
 register("block_adam", "native", f"{_HERE}.block_adam_native:block_adam_native_", devices=("cpu",),
          check=f"{_HERE}.backends:native_unavailable")
 # the momentum formats of AdamMini/Eve (bf16, int8, int4) and bf16 parameters with stochastic rounding;
-# its "compile" implementation runs the reference eagerly; "native" and "triton" are the fused passes
+# "compile" is the reference under torch.compile; "native" and "triton" are the fused passes
 register("block_adam_quantized", "torch", f"{_HERE}.block_adam_quantized:block_adam_quantized_multi_update_")
-register("block_adam_quantized", "compile", f"{_HERE}.block_adam_quantized:block_adam_quantized_multi_update_")
+register("block_adam_quantized", "compile", f"{_HERE}.block_adam_quantized:block_adam_quantized_compiled_")
 register("block_adam_quantized", "triton", f"{_HERE}.block_adam_quantized_triton:block_adam_quantized_triton_",
          devices=("cuda",), check=f"{_HERE}.backends:triton_unavailable")
 register("block_adam_quantized", "native", f"{_HERE}.block_adam_quantized_native:block_adam_quantized_native_",

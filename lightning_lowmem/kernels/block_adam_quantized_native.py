@@ -66,7 +66,17 @@ def _kernel() -> ctypes._CFuncPtr:
 
 @functools.cache
 def _code_book() -> tuple[Tensor, Tensor]:
-    return torch.tensor(INT4_CODE_BOOK + (0.0,), dtype=torch.float32), torch.tensor(INT4_MIDPOINTS, dtype=torch.float32)
+    """The int4 code book (16 entries: the padding code 15 decodes to 0) and its midpoints, fp32.
+
+    Raises:
+        RuntimeError: a book that is not symmetric about 0, which the kernel's encoding assumes (it
+            compares ``|m|`` with the 7 positive midpoints).
+    """
+    book = torch.tensor(INT4_CODE_BOOK + (0.0,), dtype=torch.float32)
+    mids = torch.tensor(INT4_MIDPOINTS, dtype=torch.float32)
+    if not (len(INT4_CODE_BOOK) == 15 and torch.equal(mids, -mids.flip(0)) and book[7] == 0):
+        raise RuntimeError("The C kernel block_adam_quantized needs a symmetric 15-value int4 code book.")
+    return book, mids
 
 
 def _takes(param: Tensor, grad: Tensor, exp_avg: QuantizedMomentum, exp_avg_sq: Tensor, fmt: MomentumFormat) -> bool:

@@ -124,10 +124,11 @@ class MomentumFormat(NamedTuple):
         )
 
 
-def random_bits(seed: int, index: Tensor | int) -> Tensor | int:
+def random_bits(seed: int | Tensor, index: Tensor | int) -> Tensor | int:
     """32 pseudo-random bits per entry of the int64 ``index`` (or of an int), a hash of ``(seed, index mod 2**32)``.
 
-    Counter-based, so every backend draws the same bits for an entry, whatever the order.
+    Counter-based, so every backend draws the same bits for an entry, whatever the order. ``seed``
+    may be a 0-dim int64 tensor (the compiled update passes one, so that a new seed does not recompile).
     """
     h = ((index & _MASK32) * HASH_MUL1 + (seed & _MASK32)) & _MASK32
     h = ((h ^ (h >> 16)) * HASH_MUL2) & _MASK32
@@ -140,7 +141,7 @@ def step_seed(tensor_seed: int, step: float) -> int:
     return random_bits(tensor_seed, int(step))
 
 
-def stochastic_round_bf16(x: Tensor, seed: int) -> Tensor:
+def stochastic_round_bf16(x: Tensor, seed: int | Tensor) -> Tensor:
     r"""fp32 ``x`` rounded to bf16 up or down at random, :math:`E[\mathrm{round}(x)] = x`.
 
     Adds 16 random bits (:func:`random_bits` of the flat index) below the bf16 mantissa and
@@ -170,7 +171,7 @@ def decode(state: QuantizedMomentum, fmt: MomentumFormat, shape: tuple[int, ...]
     return (values * scales).view(shape)
 
 
-def encode_(state: QuantizedMomentum, m: Tensor, fmt: MomentumFormat, seed: int = 0) -> None:
+def encode_(state: QuantizedMomentum, m: Tensor, fmt: MomentumFormat, seed: int | Tensor = 0) -> None:
     """Write fp32 ``m`` into ``state`` in place: new scales and codes (int8, int4), or bf16 values
     with stochastic rounding (``seed``), or a copy (fp32)."""
     if fmt.name == "fp32":

@@ -10,8 +10,9 @@ import lightning_lowmem.kernels.block_adam_quantized_native as native_q
 from lightning_lowmem.kernels import resolve
 from lightning_lowmem.kernels.block_adam import adam_step_scalars, block_mean_sq
 from lightning_lowmem.kernels.block_adam_quantized import block_adam_quantized_multi_update_
-from lightning_lowmem.kernels.momentum_formats import MomentumFormat, decode
+from lightning_lowmem.kernels.momentum_formats import INT4_CODE_BOOK, INT4_MIDPOINTS, MomentumFormat, decode
 from lightning_lowmem.optim.placement import layout_for
+from lightning_lowmem.partition import BlockSpec, ParamBlocks
 from _cases import DEVICE, ENTRIES, HPARAMS, TOL, make_tensors  # tests/kernels/_cases.py
 
 FORMATS = [MomentumFormat.of("int8", 128), MomentumFormat.of("int8", 5), MomentumFormat.of("int4", 64),
@@ -125,3 +126,142 @@ def test_stochastic_rounding_keeps_updates_below_half_a_bf16_step():
         results[rounding] = p.float().mean().item()
     assert results[False] == 1.0
     assert abs(results[True] - (1.0 - steps * 1e-4)) < 2e-3
+
+
+EXACT_ENTRIES = {**{name: ENTRIES[name] for name in ("row_wide_3x2500", "full_6x42", "transposed_heads", "fused_qkv")},
+                 "row_odd_9x1001": ParamBlocks.single("w", (9, 1001), BlockSpec("row"))}
+EXACT_FORMATS = [MomentumFormat.of("int4", 128), MomentumFormat.of("int4", 6), MomentumFormat.of("int4", 38),
+                 MomentumFormat.of("int8", 128), MomentumFormat.of("int8", 37)]
+
+
+def _one_step(update, p, g, state, v, entry, fmt, beta1, lr):
+    layout = layout_for(entry, torch.device("cpu"))
+    update([p], [g], [state], [v], [layout], [None], [fmt], [7], stochastic_rounding=False, lr=lr, step_size=lr,
+           bias_correction2_sqrt=0.5, beta1=beta1, beta2=0.99, eps=1e-4, weight_decay=0.0, maximize=False)
+
+
+def _needs_kernel():
+    if not native_q.quantized_kernel_build().library:
+        pytest.skip(f"the C kernel cannot be built here: {native_q.quantized_kernel_build().problem}")
+
+
+@pytest.mark.parametrize("fmt", EXACT_FORMATS, ids=lambda f: f"{f.name}_{f.block}")
+@pytest.mark.parametrize("name", sorted(EXACT_ENTRIES))
+def test_native_encodes_exactly_as_the_reference(name, fmt):
+    _needs_kernel()
+    _check_encode(name, fmt)
+
+
+@pytest.mark.parametrize("fmt", EXACT_FORMATS, ids=lambda f: f"{f.name}_{f.block}")
+@pytest.mark.parametrize("name", sorted(EXACT_ENTRIES))
+def test_native_decodes_exactly_as_the_reference(name, fmt):
+    _needs_kernel()
+    _check_decode(name, fmt)
+
+
+@pytest.fixture
+def portable_build(monkeypatch, tmp_path):
+    """The C kernel built with the portable flag set only (no -march=native: no AVX-512 intrinsics)."""
+    import lightning_lowmem.kernels.native as native
+
+    def clear():
+        for fn in (native.build_library, native_q.quantized_kernel_build, native_q._kernel):
+            fn.cache_clear()
+
+    monkeypatch.setattr(native, "FLAG_SETS", native.FLAG_SETS[1:])
+    assert "-march=native" not in native.FLAG_SETS[0]
+    monkeypatch.setenv("LIGHTNING_LOWMEM_CACHE", str(tmp_path))
+    clear()
+    yield tmp_path
+    monkeypatch.undo()
+    clear()
+
+
+@pytest.mark.parametrize("fmt", [EXACT_FORMATS[0], EXACT_FORMATS[4]], ids=lambda f: f"{f.name}_{f.block}")
+def test_portable_build_encodes_and_decodes_exactly_as_the_reference(portable_build, fmt):
+    """The plain C loops (CPUs without AVX-512, and every block's tail) give the same codes."""
+    _needs_kernel()
+    assert native_q.quantized_kernel_build().path.parent == portable_build / "kernels"  # this build, not the cached one
+    _check_encode("row_odd_9x1001", fmt)
+    _check_decode("row_odd_9x1001", fmt)
+
+
+def _check_encode(name, fmt):
+    """beta1 = 0 from a zero momentum: both sides encode m = g exactly, so codes and scales must be
+    EQUAL, on values that sit on the int4 midpoints and code-book values (ties), -0.0, and random ones,
+    each block holding a +-1 (its absmax: m / absmax is then m itself)."""
+    entry = EXACT_ENTRIES[name]
+    gen = torch.Generator().manual_seed(3)
+    special = torch.tensor(INT4_MIDPOINTS + INT4_CODE_BOOK + (-0.0, 0.5, -0.5))
+    rows = torch.where(torch.rand(entry.shape, generator=gen) < 0.5,
+                       special[torch.randint(len(special), entry.shape, generator=gen)],
+                       torch.rand(entry.shape, generator=gen) * 2 - 1).view(entry.shape[0], -1)
+    rows[:, :: fmt.block] = torch.where(torch.rand(rows[:, :: fmt.block].shape, generator=gen) < 0.5, 1.0, -1.0)
+    g = rows.view(entry.shape).contiguous()
+    results = []
+    for update in (resolve("block_adam_quantized", "native", "cpu"), block_adam_quantized_multi_update_):
+        (p, _, v), _ = make_tensors(entry, torch.float32)
+        state = fmt.new_state(tuple(p.shape), p.device)
+        _one_step(update, p, g, state, v, entry, fmt, beta1=0.0, lr=1e-3)
+        results.append((state, p))
+    (state, p), (state_ref, p_ref) = results
+    assert torch.equal(state.scales, state_ref.scales)
+    assert torch.equal(state.codes, state_ref.codes)
+    torch.testing.assert_close(p, p_ref, atol=1e-7, rtol=1e-6)
+
+
+def _check_decode(name, fmt):
+    """beta1 = 1 keeps m as decoded: from random codes and scales, p moves by s * decode(m) (to fp32
+    rounding of the update, where a misread code moves it by a code step), and re-encoding the decoded
+    m (each block headed by a code of +-1, so that its scale and codes stay) gives the same codes and
+    scales on both sides."""
+    entry = EXACT_ENTRIES[name]
+    gen = torch.Generator().manual_seed(5)
+    start = fmt.new_state(entry.shape, "cpu")
+    if fmt.name == "int4":
+        start.codes.copy_(torch.randint(0, 15, start.codes.shape, generator=gen)
+                          | torch.randint(0, 15, start.codes.shape, generator=gen) << 4)
+        start.codes[:, :: fmt.block // 2] = 0x0E  # code 14 (+1) heads each block: absmax stays the scale
+    else:
+        start.codes.copy_(torch.randint(-127, 128, start.codes.shape, generator=gen))
+        start.codes.view(entry.shape[0], -1)[:, :: fmt.block] = -127
+    start.scales.copy_(torch.rand(start.scales.shape, generator=gen) + 0.5)
+    results = []
+    for update in (resolve("block_adam_quantized", "native", "cpu"), block_adam_quantized_multi_update_):
+        (p, _, v), grads = make_tensors(entry, torch.float32)
+        p.zero_()
+        state = type(start)(start.codes.clone(), start.scales.clone())
+        _one_step(update, p, grads[0], state, v, entry, fmt, beta1=1.0, lr=1.0)
+        results.append((state, p))
+    (state, p), (state_ref, p_ref) = results
+    torch.testing.assert_close(p, p_ref, atol=0, rtol=1e-6)
+    assert p.abs().amax() > 0
+    assert torch.equal(state.scales, state_ref.scales) and torch.equal(state.codes, state_ref.codes)
+
+
+def test_int4_code_book_is_symmetric_as_the_kernel_assumes():
+    book, mids = native_q._code_book()
+    assert torch.equal(mids, -mids.flip(0)) and torch.equal(book[:15], -book[:15].flip(0)) and book[15] == 0
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager must fail the test
+@pytest.mark.parametrize("fmt, dtype", [(FORMATS[1], torch.float32), (FORMATS[3], torch.float32),
+                                        (FORMATS[3], torch.bfloat16), (FORMATS[4], torch.bfloat16)],
+                         ids=["int8_fp32", "int4_fp32", "int4_bf16_params", "bf16_bf16_params"])
+def test_compile_equals_reference_in_one_graph(fmt, dtype):
+    """backend="compile" runs the reference under torch.compile (not eagerly): the same codes and
+    the same random bits (bf16 parameters and momentum with stochastic rounding), and its 3 steps, each
+    with a new step size and seed, share one graph."""
+    from lightning_lowmem.kernels.block_adam_quantized import block_adam_quantized_compiled_
+
+    update = resolve("block_adam_quantized", "compile", "cpu")
+    assert update is block_adam_quantized_compiled_
+    entry, rounding = ENTRIES["fused_qkv"], dtype == torch.bfloat16
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    got = _run(update, entry, fmt, dtype, rounding=rounding)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 1
+    expected = _run(block_adam_quantized_multi_update_, entry, fmt, dtype, rounding=rounding)
+    _assert_matches(got, expected, fmt, dtype)
+    assert torch.equal(got[3].codes, expected[3].codes)
+    if rounding:
+        assert torch.equal(got[0], expected[0])
