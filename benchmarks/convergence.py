@@ -59,13 +59,13 @@ Adafactor has no first moment (the Adam-mini paper adds one).
 Momentum formats (``exp_avg_dtype``; not in ``--quick``): AdamMini with bf16, int8 and
 int4 momentum, each measured against fp32 AdamMini (same init, batches and lr; the last table gives
 the loss gap and the weight distance at every recorded step), and torchao's ``AdamW8bit`` and
-``AdamW4bit`` (the ``bench`` extra) against AdamW. ``"AdamMini int4 m, linear book"`` is the int4
-run again with the linear code book ``k/7`` (:data:`LINEAR_INT4_CODE_BOOK`) in place of the
-package's non-uniform one, for that run only (:func:`int4_code_book`; the ``"torch"`` backend):
-the measurement behind the choice of book. ``--plots`` keeps a partial run's plots out of ``docs/img``::
+``AdamW4bit`` (the ``bench`` extra) against AdamW. ``"AdamMini int4 m, non-uniform book"`` is the
+int4 run again with a non-uniform code book dense near 0 (``momentum_formats.NON_UNIFORM_INT4_CODE_BOOK``) in
+place of the package's linear one, for that run only (:func:`int4_code_book`; the ``"torch"``
+backend): the measurement behind the choice of book. ``--plots`` keeps a partial run's plots out of ``docs/img``::
 
     python benchmarks/convergence.py --lrs 3e-4 1e-3 3e-3 --plots /tmp/plots --only "AdamMini bf16 m" \\
-        "AdamMini int8 m" "AdamMini int4 m" "AdamMini int4 m, linear book" "torchao AdamW8bit" "torchao AdamW4bit"
+        "AdamMini int8 m" "AdamMini int4 m" "AdamMini int4 m, non-uniform book" "torchao AdamW8bit" "torchao AdamW4bit"
 
 ``--quick`` (for CI, under 2 minutes) trains every optimizer for a few steps at the learning rate
 AdamW did best at in the full run, runs the Rosenbrock comparison, and checks the results that must
@@ -228,11 +228,6 @@ def _torchao(name: str) -> Callable[[nn.Module, float], torch.optim.Optimizer]:
     return build
 
 
-#: A linear 4-bit code book, levels k/7 of the block's absmax (k = -7..7; code 7 is 0 as in the
-#: package's book), measured side by side with the package's non-uniform ``INT4_CODE_BOOK``.
-LINEAR_INT4_CODE_BOOK = tuple(k / 7 for k in range(-7, 8))
-
-
 @contextlib.contextmanager
 def int4_code_book(book: Sequence[float]) -> Iterator[None]:
     """Within the block, the reference (de)quantization (``momentum_formats.encode_``/``decode``)
@@ -260,9 +255,9 @@ CANDIDATES = (
     Candidate("AdamMini bf16 m", _from_config("adam_mini", exp_avg_dtype="bf16"), reference="AdamMini", quick=False),
     Candidate("AdamMini int8 m", _from_config("adam_mini", exp_avg_dtype="int8"), reference="AdamMini", quick=False),
     Candidate("AdamMini int4 m", _from_config("adam_mini", exp_avg_dtype="int4"), reference="AdamMini", quick=False),
-    # benchmark-only: the int4 run again with a linear code book (backend "torch", as every run here)
-    Candidate("AdamMini int4 m, linear book", _from_config("adam_mini", exp_avg_dtype="int4"), reference="AdamMini",
-              quick=False, context=lambda: int4_code_book(LINEAR_INT4_CODE_BOOK)),
+    # benchmark-only: the int4 run again with a non-uniform code book (backend "torch", as every run here)
+    Candidate("AdamMini int4 m, non-uniform book", _from_config("adam_mini", exp_avg_dtype="int4"), reference="AdamMini",
+              quick=False, context=lambda: int4_code_book(momentum_formats.NON_UNIFORM_INT4_CODE_BOOK)),
     Candidate("torchao AdamW8bit", _torchao("AdamW8bit"), quick=False, needs="torchao"),
     Candidate("torchao AdamW4bit", _torchao("AdamW4bit"), quick=False, needs="torchao"),
     Candidate("AdamMini (paper)", _from_config("adam_mini_paper")),

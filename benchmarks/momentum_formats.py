@@ -6,8 +6,9 @@ each candidate and reports, over all of them, the relative error ``||Q(m) - m|| 
 share of non-zero entries flushed to 0, and the bytes per entry (codes and fp32 scales):
 
 * ``int8`` linear (the package's) at blocks of 32 to 512 entries of a row;
-* ``int4`` with the package's non-uniform code book (:data:`INT4_CODE_BOOK`) and with a linear one
-  (levels ``k/7``), at blocks of 32 to 256;
+* ``int4`` with the package's linear code book (:data:`INT4_CODE_BOOK`, levels ``k/7``) and with a
+  non-uniform one dense near 0 (:data:`NON_UNIFORM_INT4_CODE_BOOK`), at
+  blocks of 32 to 256;
 * ``bf16`` (round to nearest; the optimizer rounds at random, whose error is larger per draw and
   unbiased).
 
@@ -24,7 +25,7 @@ import itertools
 import torch
 
 from lightning_lowmem.data import CharTextDataModule
-from lightning_lowmem.kernels.momentum_formats import MomentumFormat, decode, encode_
+from lightning_lowmem.kernels.momentum_formats import NON_UNIFORM_INT4_CODE_BOOK, MomentumFormat, decode, encode_
 from lightning_lowmem.models import GPT, GPTConfig
 from lightning_lowmem.optim import AdamMini
 
@@ -45,15 +46,17 @@ def momenta(steps: int) -> list[torch.Tensor]:
     return [optimizer.state[p]["exp_avg"].view(p.shape[0], -1) for p in model.parameters() if p.dim() >= 2]
 
 
-def linear_int4(m: torch.Tensor, block: int) -> torch.Tensor:
-    """``m`` through a linear 4-bit code book (levels k/7 of the block's absmax), for comparison."""
+def nearest_int4(m: torch.Tensor, block: int, book: tuple[float, ...]) -> torch.Tensor:
+    """``m`` through another 4-bit code ``book`` (values times the block's absmax, nearest), for comparison."""
     rows, cols = m.shape
     blocks = -(-cols // block)
     padded = torch.zeros(rows, blocks * block)
     padded[:, :cols] = m
     padded = padded.view(rows, blocks, block)
     absmax = padded.abs().amax(2, keepdim=True).clamp_min(1e-30)
-    return (torch.round(padded / absmax * 7) / 7 * absmax).view(rows, -1)[:, :cols]
+    values = torch.tensor(book)
+    nearest = values[(padded / absmax).unsqueeze(-1).sub(values).abs().argmin(-1)]
+    return (nearest * absmax).view(rows, -1)[:, :cols]
 
 
 def row(label: str, pairs: list[tuple[torch.Tensor, torch.Tensor]], bytes_per_entry: float) -> str:
@@ -80,9 +83,10 @@ def main() -> None:
                 encode_(state, m, fmt)
                 pairs.append((m, decode(state, fmt, m.shape)))
             size = (1.0 if name == "int8" else 0.5) + 4 / block
-            print(row(f"{name}, block {block}" + (" (non-uniform book)" if name == "int4" else " (linear)"), pairs, size))
+            print(row(f"{name}, block {block}" + (" (linear book k/7)" if name == "int4" else " (linear)"), pairs, size))
             if name == "int4":
-                print(row(f"int4, block {block} (linear book)", [(m, linear_int4(m, block)) for m in ms], size))
+                other = [(m, nearest_int4(m, block, NON_UNIFORM_INT4_CODE_BOOK)) for m in ms]
+                print(row(f"int4, block {block} (non-uniform book)", other, size))
     print(row("bf16 (round to nearest)", [(m, m.to(torch.bfloat16).float()) for m in ms], 2.0))
 
 

@@ -51,26 +51,29 @@ def _load_benchmark():
     return module
 
 
-def test_linear_int4_book_is_used_for_its_run_only():
-    """The benchmark-only linear int4 book: the reference encodes to the levels k/7 of the block's absmax
-    inside :func:`int4_code_book`, and the package's book is back afterwards, even after an error."""
+def test_non_uniform_int4_book_is_used_for_its_run_only():
+    """The benchmark-only non-uniform int4 book: the reference encodes to its values times the block's
+    absmax inside :func:`int4_code_book`, and the package's linear book is back afterwards, even after an error."""
     import torch
 
     from lightning_lowmem.kernels import momentum_formats as mf
 
     bench = _load_benchmark()
-    candidate = next(c for c in bench.CANDIDATES if c.label == "AdamMini int4 m, linear book")
+    candidate = next(c for c in bench.CANDIDATES if c.label == "AdamMini int4 m, non-uniform book")
     assert candidate.reference == "AdamMini" and not candidate.quick
     shipped = (mf.INT4_CODE_BOOK, mf.INT4_MIDPOINTS)
+    assert torch.allclose(torch.tensor(shipped[0]) * 7, torch.arange(-7.0, 8.0))  # the package's book: k/7
     fmt = mf.MomentumFormat.of("int4", block=16)
     m = torch.linspace(-1, 1, 64).view(2, 32) ** 3
     state = fmt.new_state(m.shape, "cpu")
+    book = torch.tensor(mf.NON_UNIFORM_INT4_CODE_BOOK)
     with candidate.context():
         mf.encode_(state, m, fmt)
         levels = mf.decode(state, fmt, m.shape) / state.scales.repeat_interleave(16, dim=1)
-        assert torch.allclose(levels * 7, (levels * 7).round(), atol=1e-5)
-        assert torch.allclose(levels, (m / m.view(2, 2, 16).abs().amax(2).repeat_interleave(16, 1) * 7).round() / 7,
-                              atol=1e-6)
+        ratio = m / m.view(2, 2, 16).abs().amax(2).repeat_interleave(16, 1)
+        nearest = book[(ratio.unsqueeze(-1) - book).abs().argmin(-1)]
+        assert torch.allclose(levels, nearest, atol=1e-6)
+        assert torch.isclose(levels.abs(), torch.tensor(0.03)).any()  # a level the linear book does not have
     assert (mf.INT4_CODE_BOOK, mf.INT4_MIDPOINTS) == shipped
     with pytest.raises(RuntimeError), candidate.context():
         raise RuntimeError

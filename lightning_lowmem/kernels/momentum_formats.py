@@ -7,9 +7,9 @@ block; the last block of a row may be shorter. Each block keeps one fp32 scale :
 
 * ``"int8"``: linear, :math:`m = s_b\,q` with :math:`q \in \{-127..127\}` (int8 codes),
   :math:`s_b = \max_{i\in b}|m_i| / 127`, round to nearest (:math:`q = \lfloor m/s_b + 127.5\rfloor - 127`);
-* ``"int4"``: a non-uniform (dynamic) code book :data:`INT4_CODE_BOOK` of 15 values in
-  :math:`[-1, 1]`, dense near 0, :math:`m = s_b\,c[q]` with :math:`s_b = \max_{i\in b}|m_i|`,
-  nearest code; two codes a byte (even column in the low nibble);
+* ``"int4"``: the code book :data:`INT4_CODE_BOOK` of the 15 levels :math:`k/7`,
+  :math:`k \in \{-7..7\}`, :math:`m = s_b\,c[q]` with :math:`s_b = \max_{i\in b}|m_i|`, nearest
+  code; two codes a byte (even column in the low nibble);
 * ``"bf16"``: bf16 values written with stochastic rounding (:func:`stochastic_round_bf16`), so
   that updates smaller than half a bf16 step are kept on average.
 
@@ -42,9 +42,13 @@ MOMENTUM_DTYPES = ("fp32", "bf16", "int8", "int4")
 #: the default quantization block of the integer formats (entries of one row per fp32 scale).
 DEFAULT_BLOCK = 128
 
-#: int4 code book: sorted values in [-1, 1], symmetric, geometric-like spacing near 0
-#: (see docs/optimizers.md for the measurements against a linear code book).
-INT4_CODE_BOOK = (-1.0, -0.7, -0.45, -0.27, -0.15, -0.075, -0.03, 0.0, 0.03, 0.075, 0.15, 0.27, 0.45, 0.7, 1.0)
+#: int4 code book: the 15 levels k/7 of the block's absmax, k = -7..7 (code 7 is 0). A non-uniform
+#: book dense near 0 (as torchao's and bitsandbytes' momentum maps) converged worse in the
+#: measurements of docs/optimizers.md. The kernels take any sorted symmetric book.
+INT4_CODE_BOOK = tuple(k / 7 for k in range(-7, 8))
+#: the non-uniform int4 book the linear one was measured against (``benchmarks/convergence.py``,
+#: ``benchmarks/momentum_formats.py``); no backend uses it.
+NON_UNIFORM_INT4_CODE_BOOK = (-1.0, -0.7, -0.45, -0.27, -0.15, -0.075, -0.03, 0.0, 0.03, 0.075, 0.15, 0.27, 0.45, 0.7, 1.0)
 #: midpoints between consecutive int4 code book values: a code is the count of midpoints below the value.
 INT4_MIDPOINTS = tuple((a + b) / 2 for a, b in zip(INT4_CODE_BOOK, INT4_CODE_BOOK[1:]))
 INT8_MAX = 127.0
