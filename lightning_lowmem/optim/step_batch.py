@@ -43,7 +43,7 @@ class GroupBatch:
     index_bases: list[int] = dataclasses.field(default_factory=list)  # global flat index of the first entry
 
     def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: Placement,
-            fmt: MomentumFormat | None, position: int = 0) -> None:
+            fmt: MomentumFormat | None, position: int) -> None:
         """Add ``param`` (the ``position``-th of its group), or each of its local banks."""
         if placement.bank_shape is not None:
             self._add_banks(param, grad, state, placement, fmt, position)
