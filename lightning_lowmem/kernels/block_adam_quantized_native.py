@@ -88,41 +88,51 @@ def _takes(param: Tensor, grad: Tensor, exp_avg: QuantizedMomentum, exp_avg_sq: 
 def block_adam_quantized_native_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[QuantizedMomentum],
                                  exp_avg_sqs: list[Tensor], layouts: list[RowLayout], mean_sqs: list[Tensor | None],
                                  formats: list[MomentumFormat], seeds: list[int], *, rest: Callable[..., None],
-                                 stochastic_rounding: bool, **hparams: Any) -> None:
-    """Update the tensors the C kernel takes, one kernel call per format, and hand the others to ``rest``."""
-    tensors = (params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs, formats, seeds)
+                                 stochastic_rounding: bool, index_bases: list[int] | None = None,
+                                 **hparams: Any) -> None:
+    r"""Update the tensors the C kernel takes, one kernel call per format, and hand the others to ``rest``.
+
+    ``index_bases[i]``: the global flat index of the first entry of ``params[i]`` (default 0); entry
+    :math:`j` draws the random bits of index :math:`\mathrm{index\_bases}[i] + j` (the C kernel's
+    per-item ``index_bases`` are this plus the item's first row times its columns)."""
+    if index_bases is None:
+        index_bases = [0] * len(params)
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs, formats, seeds, index_bases)
     others: list[int] = []
     by_format: dict[MomentumFormat, list[tuple]] = {}
-    for k, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq, fmt, seed) in enumerate(zip(*tensors)):
+    for k, (param, grad, exp_avg, exp_avg_sq, layout, mean_sq, fmt, seed, base) in enumerate(zip(*tensors)):
         if not _takes(param, grad, exp_avg, exp_avg_sq, fmt):
             others.append(k)
             continue
-        by_format.setdefault(fmt, []).extend(_items(param, grad, exp_avg, exp_avg_sq, layout, mean_sq, seed, hparams))
+        by_format.setdefault(fmt, []).extend(_items(param, grad, exp_avg, exp_avg_sq, layout, mean_sq, seed, base,
+                                                    hparams))
     for fmt, items in by_format.items():
         _run(fmt, items, hparams)
     if others:
-        rest(*([x[k] for k in others] for x in tensors), stochastic_rounding=stochastic_rounding, **hparams)
+        *lists, bases = ([x[k] for k in others] for x in tensors)
+        rest(*lists, stochastic_rounding=stochastic_rounding, index_bases=bases, **hparams)
 
 
 def _items(param: Tensor, grad: Tensor, exp_avg: QuantizedMomentum, exp_avg_sq: Tensor, layout: RowLayout,
-           mean_sq: Tensor | None, seed: int, hparams: dict[str, Any]) -> list[tuple]:
-    """The kernel's items of one tensor: ``(p, g, codes, scales, v, denom, mode, seed, index of the
-    first entry)`` over slices of its storage rows."""
+           mean_sq: Tensor | None, seed: int, base: int, hparams: dict[str, Any]) -> list[tuple]:
+    """The kernel's items of one tensor: ``(p, g, codes, scales, v, denom, mode, seed, global index of
+    the first entry)`` over slices of its storage rows (``base``: that of the tensor's first entry)."""
     p, g = as_rows(param), as_rows(grad)
     codes, scales = exp_avg.codes.view(p.shape[0], -1), exp_avg.scales
     if layout.elementwise:
-        return [(p, g, codes, scales, as_rows(exp_avg_sq), None, 0, seed, 0)]
+        return [(p, g, codes, scales, as_rows(exp_avg_sq), None, 0, seed, base)]
     if mean_sq is None and not layout.transposed:
         segments = [(0, p.shape[0], 1, 0)] if layout.group_index is None else block_segments(layout.group_index)
         if segments is not None:
             return [(p[a:b], g[a:b], codes[a:b], None if scales is None else scales[a:b],
-                     exp_avg_sq[first : first + (b - a) // k], None, k, seed, a * p.shape[1])
+                     exp_avg_sq[first : first + (b - a) // k], None, k, seed, base + a * p.shape[1])
                     for a, b, k, first in segments]
     if mean_sq is None:
         mean_sq = block_mean_sq(grad, layout)
     denom = row_denominators_(exp_avg_sq, mean_sq, layout, hparams["beta2"], hparams["bias_correction2_sqrt"],
                               hparams["eps"]).contiguous()
-    return [(p, g, codes, scales, None, denom, _MODE_COL_DENOMS if layout.transposed else _MODE_ROW_DENOMS, seed, 0)]
+    return [(p, g, codes, scales, None, denom, _MODE_COL_DENOMS if layout.transposed else _MODE_ROW_DENOMS, seed,
+             base)]
 
 
 def _run(fmt: MomentumFormat, items: list[tuple], hparams: dict[str, Any]) -> None:

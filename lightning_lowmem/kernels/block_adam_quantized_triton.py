@@ -6,7 +6,8 @@ stochastic rounding), in one pass over memory; the math is in :mod:`.block_adam_
 per-row denominators :math:`\\sqrt{\\hat v} + \\epsilon` of row-shared second moments are computed
 before the launch (one small vector per tensor); ``full`` tensors update their elementwise ``v`` in
 the kernel. bf16 parameters are written with stochastic rounding when asked, with the random bits
-of the reference (:func:`~lightning_lowmem.kernels.momentum_formats.random_bits`).
+of the reference (:func:`~lightning_lowmem.kernels.momentum_formats.random_bits` of the global
+flat index ``index_base + row * cols + c``).
 
 :func:`block_adam_quantized_triton_` is the ``"triton"`` implementation (same signature and result
 as :func:`~lightning_lowmem.kernels.block_adam_quantized.block_adam_quantized_multi_update_`).
@@ -103,7 +104,7 @@ def _int4_codes(y, mids_ptr):
 @triton.jit
 def _quantized_kernel(
     p_ptr, g_ptr, c_ptr, s_ptr, v_ptr, d_ptr, book_ptr, mids_ptr,
-    cols, p_sr, p_sc, g_sr, g_sc, v_sr, v_sc, c_sr, s_sr, seed,
+    cols, p_sr, p_sc, g_sr, g_sc, v_sr, v_sc, c_sr, s_sr, seed, index_base,
     decay, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps,
     FORMAT: tl.constexpr, SOURCE: tl.constexpr, MAXIMIZE: tl.constexpr, ROUND_PARAM: tl.constexpr,
     QBLOCK: tl.constexpr, WIDTH: tl.constexpr,
@@ -111,6 +112,7 @@ def _quantized_kernel(
     row = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1).to(tl.int64)
     c0 = block * QBLOCK
+    first = index_base + row * cols  # the global flat index of the row's first entry
     end = tl.minimum(cols, c0 + QBLOCK)
     hp = (decay, step_size, bc2_sqrt, one_minus_beta1, beta2, one_minus_beta2, eps)
     strides = (p_sr, p_sc, g_sr, g_sc, v_sr, v_sc)
@@ -123,9 +125,9 @@ def _quantized_kernel(
         scale = tl.load(s_ptr + row * s_sr + block)
         m_e = tl.load(book_ptr + (codes & 15), mask=me, other=0.0) * scale
         m_o = tl.load(book_ptr + ((codes >> 4) & 15), mask=mo, other=0.0) * scale
-        m_e = _update_entries(p_ptr, g_ptr, v_ptr, d_ptr, row, ce, me, m_e, seed, row * cols + ce, *strides, *hp,
+        m_e = _update_entries(p_ptr, g_ptr, v_ptr, d_ptr, row, ce, me, m_e, seed, first + ce, *strides, *hp,
                               SOURCE, MAXIMIZE, ROUND_PARAM)
-        m_o = _update_entries(p_ptr, g_ptr, v_ptr, d_ptr, row, co, mo, m_o, seed, row * cols + co, *strides, *hp,
+        m_o = _update_entries(p_ptr, g_ptr, v_ptr, d_ptr, row, co, mo, m_o, seed, first + co, *strides, *hp,
                               SOURCE, MAXIMIZE, ROUND_PARAM)
         m_e = tl.where(me, m_e, 0.0)
         m_o = tl.where(mo, m_o, 0.0)
@@ -144,7 +146,7 @@ def _quantized_kernel(
             m = tl.load(m_ptrs, mask=mask, other=0).to(tl.float32) * scale
         else:
             m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
-        m = _update_entries(p_ptr, g_ptr, v_ptr, d_ptr, row, c, mask, m, seed, row * cols + c, *strides, *hp,
+        m = _update_entries(p_ptr, g_ptr, v_ptr, d_ptr, row, c, mask, m, seed, first + c, *strides, *hp,
                             SOURCE, MAXIMIZE, ROUND_PARAM)
         if FORMAT == 2:
             m = tl.where(mask, m, 0.0)
@@ -153,7 +155,7 @@ def _quantized_kernel(
             tl.store(m_ptrs, (tl.floor(m * inverse + 127.5) - 127.0).to(tl.int8), mask=mask)
             tl.store(s_ptr + row * s_sr + block, absmax / 127.0)
         elif FORMAT == 1:
-            tl.store(m_ptrs, _stochastic_bf16(m, seed, row * cols + c).to(tl.bfloat16), mask=mask)
+            tl.store(m_ptrs, _stochastic_bf16(m, seed, first + c).to(tl.bfloat16), mask=mask)
         else:
             store_rounded(m_ptrs, m, mask)
 
@@ -167,14 +169,18 @@ def _code_book(device: torch.device) -> tuple[Tensor, Tensor]:
 def block_adam_quantized_triton_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[QuantizedMomentum],
                                  exp_avg_sqs: list[Tensor], layouts: list[RowLayout], mean_sqs: list[Tensor | None],
                                  formats: list[MomentumFormat], seeds: list[int], *, stochastic_rounding: bool,
-                                 **hparams: Any) -> None:
-    """One launch per tensor (see the module docstring)."""
-    for args in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs, formats, seeds):
+                                 index_bases: list[int] | None = None, **hparams: Any) -> None:
+    r"""One launch per tensor (see the module docstring); entry :math:`j` (flat) of ``params[i]``
+    draws the random bits of the global index :math:`\mathrm{index\_bases}[i] + j` (default base 0)."""
+    if index_bases is None:
+        index_bases = [0] * len(params)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, layouts, mean_sqs, formats, seeds, index_bases):
         _update_tensor(*args, stochastic_rounding=stochastic_rounding, **hparams)
 
 
 def _update_tensor(param: Tensor, grad: Tensor, exp_avg: QuantizedMomentum, exp_avg_sq: Tensor, layout: RowLayout,
-                   mean_sq: Tensor | None, fmt: MomentumFormat, seed: int, *, stochastic_rounding: bool, lr: Any,
+                   mean_sq: Tensor | None, fmt: MomentumFormat, seed: int, index_base: int, *,
+                   stochastic_rounding: bool, lr: Any,
                    step_size: Any, bias_correction2_sqrt: Any, beta1: float, beta2: float, eps: float,
                    weight_decay: float, maximize: bool) -> None:
     if param.numel() == 0:
@@ -199,7 +205,7 @@ def _update_tensor(param: Tensor, grad: Tensor, exp_avg: QuantizedMomentum, exp_
     _quantized_kernel[grid](
         p, g, codes, scales, v, denom, book, mids,
         cols, p.stride(0), p.stride(1), g.stride(0), g.stride(1), v.stride(0), v.stride(1), codes.stride(0),
-        scales.stride(0), seed & 0xFFFFFFFF,
+        scales.stride(0), seed & 0xFFFFFFFF, index_base & 0xFFFFFFFF,  # the hash reads the index mod 2**32
         float(1 - lr * weight_decay), float(step_size), float(bias_correction2_sqrt), 1 - beta1, beta2, 1 - beta2, eps,
         FORMAT=_FORMATS[fmt.name], SOURCE=source, MAXIMIZE=bool(maximize),
         ROUND_PARAM=bool(stochastic_rounding and param.dtype == torch.bfloat16), QBLOCK=qblock, WIDTH=width,

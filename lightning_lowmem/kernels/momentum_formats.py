@@ -145,14 +145,18 @@ def step_seed(tensor_seed: int, step: float) -> int:
     return random_bits(tensor_seed, int(step))
 
 
-def stochastic_round_bf16(x: Tensor, seed: int | Tensor) -> Tensor:
+def stochastic_round_bf16(x: Tensor, seed: int | Tensor, index_base: int | Tensor = 0) -> Tensor:
     r"""fp32 ``x`` rounded to bf16 up or down at random, :math:`E[\mathrm{round}(x)] = x`.
 
-    Adds 16 random bits (:func:`random_bits` of the flat index) below the bf16 mantissa and
-    truncates. Non-finite values are kept.
+    Adds 16 random bits below the bf16 mantissa and truncates; non-finite values are kept. The bits
+    of the entry at flat index :math:`j` of ``x`` are :func:`random_bits` of
+    :math:`(\mathrm{seed},\ \mathrm{index\_base} + j)`: with ``index_base`` the flat index of
+    ``x``'s first entry in the whole tensor (an FSDP2 shard's dim-0 offset times the entries per
+    dim-0 slice), a shard rounds exactly as the whole tensor would in one process. ``index_base``
+    may be a 0-dim int64 tensor (as the compiled update passes it).
     """
     flat = x.reshape(-1).to(torch.float32)
-    noise = random_bits(seed, torch.arange(flat.numel(), device=x.device)) & 0xFFFF
+    noise = random_bits(seed, torch.arange(flat.numel(), device=x.device) + index_base) & 0xFFFF
     bits = flat.view(torch.int32).to(torch.int64)
     rounded = ((bits + noise) & ~0xFFFF).to(torch.int32).view(torch.float32)  # int64: no overflow into the sign
     rounded = torch.where(torch.isfinite(flat), rounded, flat)
@@ -175,14 +179,16 @@ def decode(state: QuantizedMomentum, fmt: MomentumFormat, shape: tuple[int, ...]
     return (values * scales).view(shape)
 
 
-def encode_(state: QuantizedMomentum, m: Tensor, fmt: MomentumFormat, seed: int | Tensor = 0) -> None:
+def encode_(state: QuantizedMomentum, m: Tensor, fmt: MomentumFormat, seed: int | Tensor = 0,
+            index_base: int | Tensor = 0) -> None:
     """Write fp32 ``m`` into ``state`` in place: new scales and codes (int8, int4), or bf16 values
-    with stochastic rounding (``seed``), or a copy (fp32)."""
+    with stochastic rounding (``seed``; entry :math:`j` of ``m`` draws the bits of the global index
+    ``index_base + j``, see :func:`stochastic_round_bf16`), or a copy (fp32)."""
     if fmt.name == "fp32":
         state.codes.copy_(m)
         return
     if fmt.name == "bf16":
-        state.codes.copy_(stochastic_round_bf16(m, seed))
+        state.codes.copy_(stochastic_round_bf16(m, seed, index_base))
         return
     rows = as_rows(m)
     n_rows, cols = rows.shape

@@ -218,7 +218,7 @@ class BlockAdam(LowMemOptimizer):
 
     def _init_group(self, group: dict[str, Any]) -> GroupBatch:
         batch = GroupBatch()
-        for name, p in zip(group["param_names"], group["params"]):
+        for position, (name, p) in enumerate(zip(group["param_names"], group["params"])):
             grad = self._grad_of(p)
             if grad is None:
                 continue
@@ -227,7 +227,7 @@ class BlockAdam(LowMemOptimizer):
             fmt = self._momentum_format(name, p, group)
             if fmt is None and group["stochastic_rounding"] and p.dtype == torch.bfloat16:
                 fmt = MomentumFormat("fp32")  # the momentum as it is, the parameter rounded at random
-            batch.add(p, grad, state, placement, fmt)
+            batch.add(p, grad, state, placement, fmt, position)
         return batch
 
     def _check_param_state(self, name: str, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -288,6 +288,8 @@ class BlockAdam(LowMemOptimizer):
                 formats=batch.formats,
                 stochastic_rounding=group["stochastic_rounding"],
                 seed=index << 20,
+                positions=batch.positions,
+                index_bases=batch.index_bases,
             )
         return loss
 

@@ -42,6 +42,8 @@ def block_adam(
     formats: list[MomentumFormat | None] | None = None,
     stochastic_rounding: bool = False,
     seed: int = 0,
+    positions: list[int] | None = None,
+    index_bases: list[int] | None = None,
 ) -> None:
     """One step over lists of tensors (increments ``state_steps``).
 
@@ -54,7 +56,14 @@ def block_adam(
             :func:`lightning_lowmem.kernels.resolve` for the tensors' device.
         formats: per tensor, the :class:`MomentumFormat` of a :class:`QuantizedMomentum`, else ``None``.
         stochastic_rounding: write bf16 parameters of the quantized op with stochastic rounding.
-        seed: mixed with the step and each tensor's position into the seeds of stochastic rounding.
+        seed: mixed with the step and each tensor's position into the seeds of stochastic rounding:
+            tensor :math:`i` rounds at step :math:`t` with ``step_seed(seed + positions[i], t)``.
+        positions: per tensor, its position for the seed: the parameter's index in its param group
+            (the same on every rank, and for all banks of a parameter); default: its index in these lists.
+        index_bases: per tensor, the flat index of its first entry in the whole parameter (an FSDP2
+            shard's dim-0 offset times the entries per dim-0 index, plus a bank's offset); default 0.
+            Entry :math:`j` of tensor :math:`i` draws the random bits of index ``index_bases[i] + j``,
+            so sharded runs round as one process does.
     """
     if not params:
         return
@@ -62,6 +71,10 @@ def block_adam(
         mean_sqs = [None] * len(params)
     if formats is None:
         formats = [None] * len(params)
+    if positions is None:
+        positions = list(range(len(params)))
+    if index_bases is None:
+        index_bases = [0] * len(params)
     torch._foreach_add_(state_steps, 1)
     # tensors usually share a step; those that do share the step's scalars
     by_step: dict[tuple[float, torch.dtype], list[int]] = {}
@@ -79,4 +92,5 @@ def block_adam(
         if stored:
             resolve("block_adam_quantized", backend, params[0].device)(
                 *([x[i] for i in stored] for x in tensors), [formats[i] for i in stored],
-                [step_seed(seed + i, step) for i in stored], stochastic_rounding=stochastic_rounding, **hparams)
+                [step_seed(seed + positions[i], step) for i in stored], stochastic_rounding=stochastic_rounding,
+                index_bases=[index_bases[i] for i in stored], **hparams)

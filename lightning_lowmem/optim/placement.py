@@ -7,11 +7,16 @@ the :class:`RowLayout` of those rows (:func:`layout_for`), and whether the block
 rows are partial sums to all-reduce. A parameter with bank dims (experts) whose blocks never span two
 banks is split into banks instead (:func:`split_banks`): whole banks stay on a rank with their state,
 and each bank is updated as its own 2-D matrix (:func:`one_bank`).
+
+A placement also keeps the global flat index of the local tensor's first entry (``flat_offset``),
+from which stochastic rounding draws the random bits of the whole parameter (see
+:func:`~lightning_lowmem.kernels.momentum_formats.stochastic_round_bf16`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import torch
@@ -29,6 +34,14 @@ class Placement(NamedTuple):
     reduce: bool  # its block means are partial sums that must be all-reduced
     rows: tuple[int, int]  # this rank's rows of the row view (of dim 0 for a bank)
     bank_shape: tuple[int, ...] | None = None  # a bank's shape when each bank is its own 2-D matrix
+    flat_offset: int = 0  # the flat index, in the whole parameter, of the local tensor's first entry
+
+    def index_base(self, bank: int = 0) -> int:
+        r"""The global flat index of the first entry of the local tensor, or of its ``bank``-th local bank:
+        :math:`\mathrm{start}_0 \cdot n_0 + \mathrm{bank} \cdot n_\mathrm{bank}`, with
+        :math:`\mathrm{start}_0` this rank's first index of dim 0, :math:`n_0` the entries per index
+        of dim 0 and :math:`n_\mathrm{bank}` the entries of a bank."""
+        return self.flat_offset + (bank * math.prod(self.bank_shape) if bank else 0)
 
 
 def place(entry: ParamBlocks, param: torch.Tensor) -> Placement:
@@ -39,12 +52,20 @@ def place(entry: ParamBlocks, param: torch.Tensor) -> Placement:
         sharding = ParamSharding.of(param, transposed=False)
         start, stop = sharding.local_rows(entry.shape[0])
         layout = layout_for(one_bank(entry), to_local(param).device)
-        return Placement(layout, sharding, False, (start, stop), bank_shape=entry.shape[entry.bank_dims:])
+        return Placement(layout, sharding, False, (start, stop), bank_shape=entry.shape[entry.bank_dims:],
+                         flat_offset=_flat_offset(sharding, param))
     sharding = ParamSharding.of(param, entry.transposed)
     start, stop = sharding.local_rows(entry.rows)
     layout = layout_for(entry, to_local(param).device, rows=slice(start, stop))
     reduce = sharding.needs_reduction(layout.elementwise, one_block_per_row=layout.group_index is None)
-    return Placement(layout, sharding, reduce, (start, stop))
+    return Placement(layout, sharding, reduce, (start, stop), flat_offset=_flat_offset(sharding, param))
+
+
+def _flat_offset(sharding: ParamSharding, param: torch.Tensor) -> int:
+    """The global flat index of the first entry of ``param``'s local tensor (a dim-0 slice of it)."""
+    if param.dim() == 0:
+        return 0
+    return sharding.local_dim0(param.shape[0])[0] * math.prod(param.shape[1:])
 
 
 def split_banks(entry: ParamBlocks) -> bool:

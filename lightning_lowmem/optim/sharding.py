@@ -75,11 +75,16 @@ class ParamSharding:
 
     def local_rows(self, rows: int) -> tuple[int, int]:
         """``(start, stop)`` of this rank's rows under ``torch.chunk``-style splitting."""
-        if not self.row_sharded:
-            return 0, rows
+        return self.local_dim0(rows) if self.row_sharded else (0, rows)
+
+    def local_dim0(self, size: int) -> tuple[int, int]:
+        """``(start, stop)`` of this rank's slice of the parameter's dim 0 (of ``size``): where its
+        local tensor sits in the whole one (``(0, size)`` unless the parameter is ``Shard(0)``)."""
+        if not (self.row_sharded or self.split_columns):
+            return 0, size
         world, rank = self.mesh.size(), self.mesh.get_local_rank()
-        chunk = math.ceil(rows / world) if rows else 0
-        return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+        chunk = math.ceil(size / world) if size else 0
+        return min(rank * chunk, size), min((rank + 1) * chunk, size)
 
     def needs_reduction(self, elementwise: bool, one_block_per_row: bool) -> bool:
         """Whether block statistics must be summed across ranks."""

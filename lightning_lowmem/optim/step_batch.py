@@ -5,6 +5,10 @@ local (this rank's) parameter, gradient, momentum, second moment, step and :clas
 the lists :func:`lightning_lowmem.optim.functional.block_adam` takes. A parameter updated bank by
 bank (see :mod:`lightning_lowmem.optim.placement`) adds one entry per local bank. The block means
 whose rows span ranks are computed and summed for all groups at once by :func:`reduce_block_means`.
+
+What stochastic rounding draws depends only on where an entry sits in the whole model, never on
+the rank: each entry keeps the parameter's position in ``group["params"]`` (the seed of all its
+banks) and the global flat index of its first entry (:meth:`Placement.index_base`).
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ class GroupBatch:
     placements: list[Placement] = dataclasses.field(default_factory=list)
     mean_sqs: list[torch.Tensor | None] = dataclasses.field(default_factory=list)
     formats: list[MomentumFormat | None] = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)  # the parameter's index in group["params"]
+    index_bases: list[int] = dataclasses.field(default_factory=list)  # global flat index of the first entry
 
     def add(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: Placement,
-            fmt: MomentumFormat | None) -> None:
+            fmt: MomentumFormat | None, position: int) -> None:
+        """Add ``param`` (the ``position``-th of its group), or each of its local banks."""
         if placement.bank_shape is not None:
-            self._add_banks(param, grad, state, placement, fmt)
+            self._add_banks(param, grad, state, placement, fmt, position)
             return
         self.params.append(to_local(param))
         self.grads.append(to_local(grad))
@@ -52,9 +59,11 @@ class GroupBatch:
         self.layouts.append(placement.layout)
         self.placements.append(placement)
         self.mean_sqs.append(None)
+        self.positions.append(position)
+        self.index_bases.append(placement.index_base())
 
     def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: Placement,
-                   fmt: MomentumFormat | None) -> None:
+                   fmt: MomentumFormat | None, position: int) -> None:
         """Each local bank (expert) as its own tensor: views of the parameter, gradient and state.
         The functional core increments every step it is given, so banks after the first get a copy."""
         shape = placement.bank_shape
@@ -71,6 +80,8 @@ class GroupBatch:
             self.layouts.append(placement.layout)
             self.placements.append(placement)
             self.mean_sqs.append(None)
+            self.positions.append(position)
+            self.index_bases.append(placement.index_base(b))
 
 
 def reduce_block_means(batches: list[GroupBatch]) -> None:

@@ -265,3 +265,48 @@ def test_compile_equals_reference_in_one_graph(fmt, dtype):
     assert torch.equal(got[3].codes, expected[3].codes)
     if rounding:
         assert torch.equal(got[0], expected[0])
+
+
+def _backend_update(backend):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from lightning_lowmem.kernels.block_adam_quantized_triton import block_adam_quantized_triton_
+
+        return block_adam_quantized_triton_
+    if backend == "native":
+        _needs_kernel()
+    return resolve("block_adam_quantized", backend, DEVICE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile", "native", "triton"])
+@pytest.mark.parametrize("fmt, dtype", [(MomentumFormat.of("bf16"), torch.float32),
+                                        (MomentumFormat.of("bf16"), torch.bfloat16),
+                                        (MomentumFormat("fp32"), torch.bfloat16)],
+                         ids=["bf16_momentum", "bf16_momentum_bf16_params", "bf16_params"])
+def test_halves_with_index_bases_round_as_the_whole_tensor(backend, fmt, dtype):
+    """A tensor updated as two dim-0 halves (the FSDP2 shards of two ranks), the second with
+    ``index_bases`` = the flat index of its first entry, draws the random bits of the whole tensor
+    updated at once: bit-identical bf16 momentum and parameters after every step. With base 0 for
+    both halves (local indices) it does not."""
+    update = _backend_update(backend)
+    rows, cols = 11, 301
+    entry = ParamBlocks.single("w", (rows, cols), BlockSpec("row"))
+    half = 6  # torch.chunk's split of 11 rows; 6 * 301 is not a multiple of 16 (no Triton divisibility hint)
+    splits = {"whole": [(slice(None), 0)], "global": [(slice(0, half), 0), (slice(half, None), half * cols)],
+              "local": [(slice(0, half), 0), (slice(half, None), 0)]}
+    runs = {}
+    for name, parts in splits.items():
+        (p, _, v), grads = make_tensors(entry, dtype)
+        state = fmt.new_state(tuple(p.shape), p.device)
+        for t, g in enumerate(grads, start=1):
+            step_size, bc2 = adam_step_scalars(t, HPARAMS["lr"], HPARAMS["beta1"], HPARAMS["beta2"])
+            for part, base in parts:
+                layout = layout_for(entry, torch.device(DEVICE), rows=part)
+                update([p[part]], [g[part]], [type(state)(state.codes[part])], [v[part]], [layout], [None], [fmt],
+                       [1000 + t], stochastic_rounding=True, index_bases=[base], step_size=step_size,
+                       bias_correction2_sqrt=bc2, maximize=False, **HPARAMS)
+        runs[name] = (p, state.codes)
+    (p, codes), (p_split, codes_split), (p_local, codes_local) = runs.values()
+    assert p.dtype == dtype and codes.dtype == fmt.dtype
+    assert torch.equal(p, p_split) and torch.equal(codes, codes_split)
+    assert not (torch.equal(p, p_local) and torch.equal(codes, codes_local))

@@ -47,6 +47,8 @@ OPTIMIZERS = {
     "adam_mini_paper": lambda m: AdamMini(m, lr=1e-2, preset="adam_mini_paper", backend="torch"),
     "eve": lambda m: Eve(m, lr=1e-2, backend="torch"),
     "adam_mini/native": lambda m: AdamMini(m, lr=1e-2, backend="native"),
+    # bf16 momentum: each expert of a bank rounds with the bank's seed at its global flat indices
+    "adam_mini/bf16": lambda m: AdamMini(m, lr=1e-2, backend="torch", exp_avg_dtype="bf16"),
 }
 
 

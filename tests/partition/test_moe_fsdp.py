@@ -28,7 +28,7 @@ def results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("label", ["adam_mini", "adam_mini_paper", "eve", "adam_mini/native"])
+@pytest.mark.parametrize("label", ["adam_mini", "adam_mini_paper", "eve", "adam_mini/native", "adam_mini/bf16"])
 def test_sharded_moe_equals_one_process(results, label) -> None:
     run = results[label]
     assert run["max_diff"] < 2e-5, run

@@ -3,10 +3,11 @@
 * ``write`` (2 processes): uninterrupted 3-epoch runs; checkpoints after epoch 1 in both formats
   (``dcp``, ``full``); bf16 momentum resumed on 2 processes; a 5-step int8 run with the Triton
   kernel (interpreted on CPU); the fp32 and int8 checkpoints resumed by an optimizer of the other
-  ``exp_avg_dtype`` (converted on load).
+  ``exp_avg_dtype`` (converted on load); a 5-step bf16 run with the torch reference.
 * ``single`` (1 process): the 2-process int8/int4 checkpoints resumed for epoch 2, each saving again
   in its format; a 5-step int8 run with the torch reference; the fp32 -> int8 conversion in a plain
-  ``Trainer`` (the optimizer's own ``load_state_dict``).
+  ``Trainer`` (the optimizer's own ``load_state_dict``); the 5-step int8 and bf16 runs in a plain
+  ``Trainer`` (no strategy): the sharded runs must equal them.
 * ``back`` (2 processes): the 1-process checkpoints resumed for epoch 3 (2 -> 1 -> 2 processes).
 
 Run as ``python _momentum_worker.py MODE OUT``; results go to OUT like ``_dist_worker.py``'s.
@@ -87,6 +88,13 @@ def fit(world: int, rank: int, dtype: str, epochs: int, *, fmt: str = "full", ck
     return model
 
 
+def five_steps(world: int, rank: int, dtype: str, *, backend: str = "torch", strategy: Any = "default") -> FormatNet:
+    """5 steps of one epoch from the same start (``strategy=None``: a plain ``Trainer``)."""
+    model = FormatNet(dtype, backend=backend)
+    trainer(world, strategy=strategy, max_epochs=1).fit(model, loader(5 * GLOBAL_BATCH, world, rank))
+    return model
+
+
 def run_write(out: Path) -> None:
     world, rank = 2, int(os.environ["LOCAL_RANK"])
     res, ckpt, logs = Results(out, "write", rank), out / "ckpt", LogLines()
@@ -94,11 +102,10 @@ def run_write(out: Path) -> None:
         res.weights(f"uninterrupted_{dtype}_w2", fit(world, rank, dtype, 3))
         for fmt in FORMATS:
             fit(world, rank, dtype, 1, fmt=fmt, save_to=ckpt / dtype)
-    for fmt in FORMATS:  # bf16 draws its rounding per local entry: resumed on the same 2 processes
+    for fmt in FORMATS:  # bf16 momentum resumed exactly (its random bits depend on the step, not the run)
         res.weights(f"resume_{fmt}_bf16_w2", fit(world, rank, "bf16", 3, fmt=fmt, ckpt_path=ckpt / "bf16" / f"epoch-{fmt}.ckpt", seed=7))
-    model = FormatNet("int8", backend="triton")
-    trainer(world, max_epochs=1).fit(model, loader(5 * GLOBAL_BATCH, world, rank))
-    res.weights("equal_int8_triton_w2", model)
+    res.weights("equal_int8_triton_w2", five_steps(world, rank, "int8", backend="triton"))
+    res.weights("equal_bf16_w2", five_steps(world, rank, "bf16"))
     for saved, resumed in CONVERSIONS:
         for fmt in FORMATS:
             logs.take()
@@ -113,9 +120,8 @@ def run_single(out: Path) -> None:
     for dtype in RESHARDED:
         for fmt in FORMATS:
             fit(1, 0, dtype, 2, fmt=fmt, ckpt_path=ckpt / dtype / f"epoch-{fmt}.ckpt", save_to=ckpt / f"{dtype}_w1", seed=7)
-    model = FormatNet("int8")
-    trainer(1, strategy=None, max_epochs=1).fit(model, loader(5 * GLOBAL_BATCH, 1, 0))
-    res.weights("equal_int8_torch_w1", model)
+    res.weights("equal_int8_torch_w1", five_steps(1, 0, "int8", strategy=None))
+    res.weights("equal_bf16_w1", five_steps(1, 0, "bf16", strategy=None))
     for saved, resumed in CONVERSIONS:
         model = FormatNet(resumed, seed=7)
         trainer(1, strategy=None, max_epochs=2).fit(model, loader(SAMPLES, 1, 0), ckpt_path=ckpt / saved / "epoch-full.ckpt")

@@ -54,6 +54,16 @@ def test_triton_kernel_on_sharded_parameters_equals_the_reference_on_one_process
     assert diff < 1e-5, (name, diff)
 
 
+def test_bf16_momentum_on_two_processes_draws_the_random_bits_of_one_process(runs):
+    """Stochastic rounding of the bf16 momentum draws its bits from each entry's place in the whole
+    parameter (seed: its position in the param group; index: its global flat index), so FSDP2 shards
+    round as the unsharded tensors of a plain one-process Trainer do."""
+    out, _ = runs
+    diff, name = max_diff(weights(out, "equal_bf16_w2"), weights(out, "equal_bf16_w1"))
+    assert diff < 1e-6, (name, diff)
+    assert max_diff(weights(out, "equal_bf16_w1"), weights(out, "equal_int8_torch_w1"))[0] > 0  # a bf16 run
+
+
 @pytest.mark.parametrize(("saved", "resumed"), [("fp32", "int8"), ("int8", "fp32")])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_checkpoint_of_another_exp_avg_dtype_is_converted_on_load(runs, fmt, saved, resumed):
