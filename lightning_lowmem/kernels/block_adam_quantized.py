@@ -94,9 +94,9 @@ def block_adam_quantized_compiled_(params: list[Tensor], grads: list[Tensor], ex
     random bits are integer arithmetic on the entries' indices. ``lr``, ``step_size``,
     ``bias_correction2_sqrt``, the seeds (a new one every step) and the ``index_bases`` (the global
     flat index of each tensor's first entry, see :func:`block_adam_quantized_multi_update_`) go in as
-    0-dim tensors, so that neither a new step, a scheduled learning rate nor a shard's offset recompiles; tensors of one shape, dtype, layout
-    kind and format share graphs as :func:`~lightning_lowmem.kernels.block_adam.block_adam_compiled_`
-    groups them. Where compilation fails, the eager reference runs after one warning
+    0-dim tensors, so that neither a new step, a scheduled learning rate nor a shard's offset
+    recompiles; tensors of one shape, dtype, layout kind and format share graphs as
+    :func:`~lightning_lowmem.kernels.block_adam.block_adam_compiled_` groups them. Where compilation fails, the eager reference runs after one warning
     (:mod:`.compiled`).
     """
     update = compiled(block_adam_quantized_multi_update_)
