@@ -48,19 +48,11 @@ class GroupBatch:
         if placement.bank_shape is not None:
             self._add_banks(param, grad, state, placement, fmt, position)
             return
-        self.params.append(to_local(param))
-        self.grads.append(to_local(grad))
-        exp_avg = to_local(state["exp_avg"])
-        scales = state.get(SCALE_KEY)
-        self.exp_avgs.append(exp_avg if fmt is None else QuantizedMomentum(exp_avg, None if scales is None else to_local(scales)))
-        self.formats.append(fmt)
-        self.exp_avg_sqs.append(to_local(state["exp_avg_sq"]))
-        self.steps.append(state["step"])
-        self.layouts.append(placement.layout)
-        self.placements.append(placement)
-        self.mean_sqs.append(None)
-        self.positions.append(position)
-        self.index_bases.append(placement.index_base())
+        exp_avg, scales = to_local(state["exp_avg"]), state.get(SCALE_KEY)
+        if fmt is not None:
+            exp_avg = QuantizedMomentum(exp_avg, None if scales is None else to_local(scales))
+        self._append(to_local(param), to_local(grad), exp_avg, to_local(state["exp_avg_sq"]), state["step"],
+                     placement, fmt, position, placement.index_base())
 
     def _add_banks(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], placement: Placement,
                    fmt: MomentumFormat | None, position: int) -> None:
@@ -68,20 +60,28 @@ class GroupBatch:
         The functional core increments every step it is given, so banks after the first get a copy."""
         shape = placement.bank_shape
         # views (not copies) of what is updated in place; the gradient is only read
-        views = [to_local(param).view(-1, *shape), to_local(grad).reshape(-1, *shape), to_local(state["exp_avg"]).view(-1, *shape)]
-        v = to_local(state["exp_avg_sq"]).view(views[0].shape[0], -1)
-        for b in range(views[0].shape[0]):
-            self.params.append(views[0][b])
-            self.grads.append(views[1][b])
-            self.exp_avgs.append(views[2][b] if fmt is None else QuantizedMomentum(views[2][b]))
-            self.formats.append(fmt)
-            self.exp_avg_sqs.append(v[b])
-            self.steps.append(state["step"] if b == 0 else state["step"].clone())
-            self.layouts.append(placement.layout)
-            self.placements.append(placement)
-            self.mean_sqs.append(None)
-            self.positions.append(position)
-            self.index_bases.append(placement.index_base(b))
+        params, grads = to_local(param).view(-1, *shape), to_local(grad).reshape(-1, *shape)
+        exp_avgs = to_local(state["exp_avg"]).view(-1, *shape)
+        v = to_local(state["exp_avg_sq"]).view(params.shape[0], -1)
+        for b in range(params.shape[0]):
+            self._append(params[b], grads[b], exp_avgs[b] if fmt is None else QuantizedMomentum(exp_avgs[b]), v[b],
+                         state["step"] if b == 0 else state["step"].clone(), placement, fmt, position,
+                         placement.index_base(b))
+
+    def _append(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor | QuantizedMomentum,
+                exp_avg_sq: torch.Tensor, step: torch.Tensor, placement: Placement, fmt: MomentumFormat | None,
+                position: int, index_base: int) -> None:
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.exp_avg_sqs.append(exp_avg_sq)
+        self.steps.append(step)
+        self.layouts.append(placement.layout)
+        self.placements.append(placement)
+        self.mean_sqs.append(None)
+        self.formats.append(fmt)
+        self.positions.append(position)
+        self.index_bases.append(index_base)
 
 
 def reduce_block_means(batches: list[GroupBatch]) -> None:
