@@ -328,27 +328,12 @@ def train(
     record: Snapshots | None = None,
     reference: Snapshots | None = None,
 ) -> Run:
-    """Train a fresh GPT from ``init`` on ``train_batches`` with ``candidate`` at peak ``lr``, inside
-    the candidate's ``context``.
+    """Train a fresh GPT from ``init`` on ``train_batches`` with ``candidate`` at peak ``lr`` (run it
+    inside the candidate's ``context``).
 
     Every ``setup.distance_every`` steps (and at the end) the weights are saved into ``record``, or
     their relative L2 distance to ``reference`` (the reference run's weights at the same step) is kept.
     """
-    with candidate.context():
-        return _train(candidate, lr, setup, init, train_batches, val_batches, record, reference)
-
-
-def _train(
-    candidate: Candidate,
-    lr: float,
-    setup: Setup,
-    init: dict[str, torch.Tensor],
-    train_batches: Sequence[Batch],
-    val_batches: Sequence[Batch],
-    record: Snapshots | None,
-    reference: Snapshots | None,
-) -> Run:
-    """:func:`train`'s run itself."""
     start = time.perf_counter()
     model = GPT(GPTConfig.tiny(block_size=setup.block_size))
     model.load_state_dict(init)
@@ -439,8 +424,9 @@ def sweep(setup: Setup, candidates: Sequence[Candidate], log: Callable[[str], No
     for candidate in ordered:
         for lr in setup.lrs:
             record = references.setdefault((candidate.label, lr), {}) if candidate.label in recorded else None
-            run = train(candidate, lr, setup, init, train_batches, val_batches, record=record,
-                        reference=references.get((candidate.reference, lr)) if candidate.label != "AdamW" else None)
+            with candidate.context():
+                run = train(candidate, lr, setup, init, train_batches, val_batches, record=record,
+                            reference=references.get((candidate.reference, lr)) if candidate.label != "AdamW" else None)
             runs[candidate.label, lr] = run
             end = run.distances.get(setup.steps)
             last = "" if end is None else f", rel. L2 to {candidate.reference} {end:.3f}"
